@@ -1,0 +1,188 @@
+"""The `llm2clip` console script.
+
+Every subcommand reads a config dataclass whose defaults are the tiny embedded run. A YAML file
+(`--config`) and `KEY=VALUE` overrides change any key; named flags are shortcuts for common keys.
+Command modules are imported only when their command runs, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import re
+import sys
+from dataclasses import dataclass, field
+
+from llm2clip.config import ConfigError, config_keys, dump_config, load_config
+from llm2clip.errors import InputError
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str  # e.g. "--model"
+    key: str  # dotted config key it sets
+    help: str
+
+
+@dataclass(frozen=True)
+class Command:
+    words: tuple[str, ...]  # ("stage1", "mntp")
+    config: str  # "module:ConfigClass"
+    target: str  # "module:function" taking the config
+    help: str
+    flags: tuple[Flag, ...] = ()
+    positional: Flag | None = None  # a positional argument that sets a key
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        ("synth",),
+        "llm2clip.data.synth:SynthConfig",
+        "llm2clip.data.synth:generate_world",
+        "Generate the seeded synthetic world: images, captions, a corpus and LLaVA data.",
+        flags=(
+            Flag("--out", "out_dir", "output directory"),
+            Flag("--seed", "seed", "random seed"),
+        ),
+    ),
+    Command(
+        ("tiny-llm",),
+        "llm2clip.text.tiny_llm:TinyLLMConfig",
+        "llm2clip.text.tiny_llm:build_tiny_llm",
+        "Train a BPE tokenizer and pretrain a tiny Llama on the world's corpus.",
+        flags=(
+            Flag("--corpus", "corpus", "plain-text corpus, one sentence per line"),
+            Flag("--out", "out_dir", "output directory"),
+        ),
+    ),
+    Command(
+        ("encode",),
+        "llm2clip.text.encode_cli:EncodeConfig",
+        "llm2clip.text.encode_cli:encode_file",
+        "Encode one text per line into a float32 [N, D] .npy array.",
+        flags=(
+            Flag("--model", "model", "encoder directory (HF or llm2vec layout)"),
+            Flag("--pooling", "pooling_mode", "mean | weighted_mean | eos_token | last_token | bos_token"),
+            Flag("--out", "out", "output .npy file"),
+            Flag("--instruction", "instruction", "instruction prepended to every text"),
+            Flag("--batch-size", "batch_size", "texts per forward pass"),
+        ),
+        positional=Flag("texts", "texts", "text file, one text per line"),
+    ),
+    Command(
+        ("stage1", "mntp"),
+        "llm2clip.text.mntp:MNTPConfig",
+        "llm2clip.text.mntp:train_mntp",
+        "Masked next-token prediction with LoRA on a bidirectional decoder.",
+        flags=(
+            Flag("--model", "model", "base causal LM directory"),
+            Flag("--corpus", "corpus", "plain-text corpus"),
+            Flag("--out", "out_dir", "output directory"),
+            Flag("--deepspeed", "train.deepspeed", "DeepSpeed JSON config"),
+        ),
+    ),
+    Command(
+        ("stage1", "contrastive"),
+        "llm2clip.text.contrastive:ContrastiveConfig",
+        "llm2clip.text.contrastive:train_contrastive",
+        "Caption-contrastive (supervised SimCSE) LoRA training on top of the MNTP model.",
+        flags=(
+            Flag("--model", "model", "MNTP output directory (or any encoder directory)"),
+            Flag("--data", "data", "dataset directory or JSONL file with several captions per image"),
+            Flag("--out", "out_dir", "output directory"),
+            Flag("--deepspeed", "train.deepspeed", "DeepSpeed JSON config"),
+        ),
+    ),
+    Command(
+        ("cra",),
+        "llm2clip.text.cra:CRAConfig",
+        "llm2clip.text.cra:report_cra",
+        "Caption retrieval accuracy of an encoder (and of a bag-of-words baseline).",
+        flags=(
+            Flag("--model", "model", "encoder directory"),
+            Flag("--data", "data", "dataset directory or JSONL file"),
+            Flag("--split", "split", "split name when --data is a world directory"),
+            Flag("--out", "out", "optional JSON report path"),
+        ),
+    ),
+)
+
+
+def _resolve(spec: str):
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _build_parser() -> tuple[argparse.ArgumentParser, dict[tuple[str, ...], Command]]:
+    parser = argparse.ArgumentParser(prog="llm2clip", description=__doc__.splitlines()[0])
+    groups = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    nested: dict[str, argparse._SubParsersAction] = {}
+    table: dict[tuple[str, ...], Command] = {}
+    for command in COMMANDS:
+        target = groups
+        if len(command.words) == 2:
+            group = command.words[0]
+            if group not in nested:
+                sub = groups.add_parser(group, help=f"{group} commands")
+                nested[group] = sub.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+            target = nested[group]
+        p = target.add_parser(
+            command.words[-1],
+            help=command.help,
+            description=command.help,
+            epilog="Any config key can be set as KEY=VALUE (dotted for sections, e.g. train.max_steps=50). "
+            "Use --print-config to see every key and its value.",
+        )
+        p.add_argument("--config", help="YAML config file (defaults are the tiny embedded run)")
+        p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        for flag in command.flags:
+            p.add_argument(flag.name, dest="flag:" + flag.key, metavar=flag.key.split(".")[-1].upper(), help=flag.help)
+        p.add_argument("args", nargs="*", metavar="KEY=VALUE" if command.positional is None else f"{command.positional.name.upper()} | KEY=VALUE",
+                       help=command.positional.help if command.positional else "config overrides")
+        p.set_defaults(_command=command.words)
+        table[command.words] = command
+    return parser, table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, table = _build_parser()
+    args = parser.parse_args(argv)
+    command = table[args._command]
+    overrides, positionals = [], []
+    for item in args.args:
+        (overrides if _OVERRIDE.match(item) else positionals).append(item)
+    if positionals:
+        if command.positional is None or len(positionals) > 1:
+            parser.error(f"unexpected argument(s): {' '.join(positionals)} (overrides are KEY=VALUE)")
+        overrides.append(f"{command.positional.key}={positionals[0]}")
+    for name, value in vars(args).items():
+        if name.startswith("flag:") and value is not None:
+            overrides.append(f"{name[5:]}={value}")
+    config_cls = _resolve(command.config)
+    try:
+        config = load_config(config_cls, args.config, overrides)
+    except ConfigError as err:
+        print(f"llm2clip {' '.join(command.words)}: {err}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(dump_config(config), end="")
+        return 0
+    try:
+        _resolve(command.target)(config)
+    except (ConfigError, InputError, FileNotFoundError) as err:
+        print(f"llm2clip {' '.join(command.words)}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def valid_keys(words: tuple[str, ...]) -> list[str]:
+    """Config keys of a command (for docs and tests)."""
+    command = {c.words: c for c in COMMANDS}[words]
+    return config_keys(_resolve(command.config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
