@@ -1,0 +1,93 @@
+"""Settings shared by every Trainer-based command, and their translation to `TrainingArguments`."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from llm2clip.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+LLAMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LORA_TARGETS))
+
+
+@dataclass
+class TrainSettings:
+    max_steps: int = 300
+    batch_size: int = 32  # per device
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    lr_scheduler: str = "cosine"
+    precision: str = "auto"  # auto (bf16 where the GPU has it) | fp32 | bf16 | fp16
+    gradient_checkpointing: bool = False
+    logging_steps: int = 10
+    save_steps: int = 100
+    save_total_limit: int = 2
+    seed: int = 42
+    deepspeed: str | None = None  # path to a DeepSpeed JSON config (ZeRO-2/3)
+    dataloader_workers: int = 0
+    resume: bool = True  # continue from the newest checkpoint in out_dir/checkpoints
+
+
+def _precision_flags(precision: str) -> dict[str, bool]:
+    if precision == "auto":
+        has_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return {"bf16": has_bf16, "fp16": False}
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise InputError(f"train.precision must be auto, fp32, bf16 or fp16; got {precision!r}")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def training_arguments(train: TrainSettings, checkpoint_dir: Path, **overrides) -> TrainingArguments:
+    """TrainingArguments for `train`, checkpointing into `checkpoint_dir`."""
+    if train.deepspeed is not None and not Path(train.deepspeed).is_file():
+        raise InputError(f"DeepSpeed config not found: {train.deepspeed}")
+    kwargs = dict(
+        output_dir=str(checkpoint_dir),
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        learning_rate=train.learning_rate,
+        weight_decay=train.weight_decay,
+        warmup_steps=train.warmup_ratio,
+        lr_scheduler_type=train.lr_scheduler,
+        gradient_checkpointing=train.gradient_checkpointing,
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        seed=train.seed,
+        deepspeed=train.deepspeed,
+        dataloader_num_workers=train.dataloader_workers,
+        report_to="none",
+        **_precision_flags(train.precision),
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def resume_checkpoint(train: TrainSettings, checkpoint_dir: Path) -> str | None:
+    """The newest Trainer checkpoint to resume from, or None for a fresh start."""
+    if not train.resume or not checkpoint_dir.is_dir():
+        return None
+    last = get_last_checkpoint(str(checkpoint_dir))
+    if last is not None:
+        logger.warning("resuming from %s", last)
+    return last
