@@ -1,0 +1,151 @@
+"""Stage 1b: caption-contrastive LoRA training (supervised SimCSE, LLM2CLIP's caption contrastive step).
+
+Two captions of the same image are a positive pair; the other positives in the global batch are
+negatives. Plain-text sentences are mixed in as unsupervised SimCSE pairs (the same sentence twice,
+made different by LoRA dropout). Training starts from the MNTP-merged model with a fresh LoRA.
+
+Outputs under `out_dir`:
+    adapter/      the supervised LoRA adapter (llm2vec layout, loads on top of the MNTP-merged model)
+    merged/       everything merged: the caption encoder used by stage 2
+    checkpoints/  Trainer checkpoints (adapter only), used to resume
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import get_peft_model
+from torch.utils.data import Dataset
+from transformers import Trainer
+
+from llm2clip.config import config_to_dict
+from llm2clip.data.records import load_image_texts, read_corpus
+from llm2clip.errors import InputError
+from llm2clip.losses import CaptionContrastiveLoss
+from llm2clip.text.encoder import LLMEncoder
+from llm2clip.text.mntp import lora_config
+from llm2clip.training import LoraSettings, TrainSettings, resume_checkpoint, training_arguments
+
+
+@dataclass
+class ContrastiveConfig:
+    model: Path = Path("runs/stage1/mntp/merged")
+    data: Path = Path("runs/world")
+    split: str = "train"
+    corpus: Path | None = Path("runs/world/corpus.txt")  # plain text for unsupervised pairs; null for none
+    plain_text_ratio: float = 0.1  # share of training pairs that are plain sentences
+    include_long_captions: bool = True  # long captions join the short ones as positives
+    out_dir: Path = Path("runs/stage1/contrastive")
+    pooling_mode: str = "mean"
+    max_length: int = 160
+    scale: float = 50.0  # logit scale, 1 / temperature
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainSettings = field(
+        default_factory=lambda: TrainSettings(max_steps=250, batch_size=32, learning_rate=3e-4, save_steps=50)
+    )
+
+
+class CaptionPairs(Dataset):
+    """Item i is two different captions of image i, or, past the images, one plain sentence twice."""
+
+    def __init__(self, caption_groups: list[list[str]], sentences: list[str], seed: int):
+        self.groups = [group for group in caption_groups if len(group) >= 2]
+        if not self.groups:
+            raise InputError("no image has two captions; caption-contrastive training needs pairs")
+        self.sentences = sentences
+        self.rng = random.Random(seed)
+
+    def __len__(self) -> int:
+        return len(self.groups) + len(self.sentences)
+
+    def __getitem__(self, index: int) -> tuple[str, str]:
+        if index < len(self.groups):
+            first, second = self.rng.sample(self.groups[index], 2)
+            return first, second
+        sentence = self.sentences[index - len(self.groups)]
+        return sentence, sentence
+
+
+@dataclass
+class PairCollator:
+    """Tokenises anchors then positives into one left-padded batch of 2B rows."""
+
+    encoder: LLMEncoder
+
+    def __call__(self, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+        texts = [first for first, _ in pairs] + [second for _, second in pairs]
+        return dict(self.encoder.tokenize(self.encoder.prepare_texts(texts)))
+
+
+class CaptionContrastiveTrainer(Trainer):
+    """One step: embed the 2B rows with bidirectional attention, pool, score anchors against positives."""
+
+    def __init__(self, *args, encoder: LLMEncoder, loss_fn: CaptionContrastiveLoss, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.encoder = encoder
+        self.loss_fn = loss_fn
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        hidden = model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], is_causal=False
+        ).last_hidden_state
+        embeddings = self.encoder.pool(hidden, inputs)
+        anchors, positives = embeddings.chunk(2)
+        loss = self.loss_fn(anchors, positives)
+        return (loss, {"embeddings": embeddings}) if return_outputs else loss
+
+
+def training_pairs(config: ContrastiveConfig) -> CaptionPairs:
+    records = load_image_texts(config.data, split=config.split)
+    groups = [r.captions + (r.long_captions if config.include_long_captions else []) for r in records]
+    sentences: list[str] = []
+    if config.corpus is not None and config.plain_text_ratio > 0:
+        if not 0 < config.plain_text_ratio < 1:
+            raise InputError(f"plain_text_ratio must be in [0, 1); got {config.plain_text_ratio}")
+        wanted = round(len(groups) * config.plain_text_ratio / (1 - config.plain_text_ratio))
+        corpus = read_corpus(config.corpus)
+        sentences = random.Random(config.train.seed).sample(corpus, min(wanted, len(corpus)))
+    return CaptionPairs(groups, sentences, seed=config.train.seed)
+
+
+def train_contrastive(config: ContrastiveConfig) -> None:
+    pairs = training_pairs(config)
+    encoder = LLMEncoder.from_pretrained(config.model, pooling_mode=config.pooling_mode, max_length=config.max_length)
+    encoder.model = get_peft_model(encoder.model, lora_config(config.lora))
+    encoder.model.peft_config["default"].base_model_name_or_path = str(config.model.resolve())
+    if config.train.gradient_checkpointing:
+        encoder.model.enable_input_require_grads()
+    encoder.model.print_trainable_parameters()
+
+    checkpoint_dir = config.out_dir / "checkpoints"
+    args = training_arguments(config.train, checkpoint_dir, remove_unused_columns=False, dataloader_drop_last=True)
+    trainer = CaptionContrastiveTrainer(
+        model=encoder.model,
+        args=args,
+        train_dataset=pairs,
+        data_collator=PairCollator(encoder),
+        encoder=encoder,
+        loss_fn=CaptionContrastiveLoss(scale=config.scale),
+    )
+    result = trainer.train(resume_from_checkpoint=resume_checkpoint(config.train, checkpoint_dir))
+
+    encoder.save_pretrained(config.out_dir / "adapter", merge=False)
+    encoder.save_pretrained(config.out_dir / "merged", merge=True)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    report = {
+        "config": config_to_dict(config),
+        "pairs": len(pairs),
+        "caption_pairs": len(pairs.groups),
+        "plain_text_pairs": len(pairs.sentences),
+        "steps": trainer.state.global_step,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "train_runtime_s": result.metrics.get("train_runtime"),
+    }
+    (config.out_dir / "contrastive_report.json").write_text(json.dumps(report, indent=2))
+    print(f"caption contrastive: {report['steps']} steps, loss {report['first_loss']} -> {report['last_loss']}")
+    print(f"wrote {config.out_dir / 'adapter'} and {config.out_dir / 'merged'}")

@@ -1,0 +1,95 @@
+"""Caption retrieval accuracy (CRA), LLM2CLIP's measure of how well a text model tells captions apart.
+
+For each image take two of its captions, A and B. CRA is the share of A captions whose nearest
+neighbour (cosine) among all B captions is their own partner. Ties count fractionally, so a model
+that cannot separate two captions scores chance between them, not a lucky win.
+A bag-of-words baseline is reported next to each model: the trivial solution to beat.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from llm2clip.data.records import load_image_texts
+from llm2clip.errors import InputError
+
+
+@dataclass
+class CRAConfig:
+    model: list[str] | None = None  # one or more encoder directories (comma-separated on the command line)
+    data: Path = Path("runs/world")
+    split: str = "test"
+    caption_a: int = 0  # which caption of each image is A
+    caption_b: int = 1  # and which is B
+    max_images: int | None = None
+    pooling_mode: str | None = None  # default: the encoder's own (llm2vec_config.json) or mean
+    max_length: int | None = None
+    batch_size: int = 64
+    out: Path | None = None  # JSON report
+
+
+def caption_retrieval_accuracy(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Share of rows of `a` whose most similar row of `b` is the same index (ties shared)."""
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"need two [N, D] arrays of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    similarity = F.normalize(a.double(), dim=-1) @ F.normalize(b.double(), dim=-1).T
+    best = similarity.max(dim=1, keepdim=True).values
+    tied = (similarity >= best - 1e-9).double()
+    return float((tied.diagonal() / tied.sum(dim=1)).mean())
+
+
+def bag_of_words(texts: list[str], vocabulary: dict[str, int]) -> torch.Tensor:
+    """Word-count vectors over `vocabulary` (lower-cased words)."""
+    vectors = torch.zeros(len(texts), len(vocabulary))
+    for row, text in enumerate(texts):
+        for word, count in Counter(re.findall(r"\w+", text.lower())).items():
+            vectors[row, vocabulary[word]] = count
+    return vectors
+
+
+def bag_of_words_cra(a_texts: list[str], b_texts: list[str]) -> float:
+    words = sorted({w for text in a_texts + b_texts for w in re.findall(r"\w+", text.lower())})
+    vocabulary = {word: i for i, word in enumerate(words)}
+    return caption_retrieval_accuracy(bag_of_words(a_texts, vocabulary), bag_of_words(b_texts, vocabulary))
+
+
+def caption_pairs(config: CRAConfig) -> tuple[list[str], list[str]]:
+    records = load_image_texts(config.data, split=config.split)
+    needed = max(config.caption_a, config.caption_b) + 1
+    usable = [r for r in records if len(r.captions) >= needed]
+    if not usable:
+        raise InputError(f"no image in {config.data} ({config.split}) has {needed} captions")
+    usable = usable[: config.max_images]
+    return [r.captions[config.caption_a] for r in usable], [r.captions[config.caption_b] for r in usable]
+
+
+def model_cra(model_dir: str, a_texts: list[str], b_texts: list[str], config: CRAConfig) -> float:
+    from llm2clip.text.encoder import LLMEncoder
+
+    encoder = LLMEncoder.from_pretrained(model_dir, pooling_mode=config.pooling_mode, max_length=config.max_length)
+    embeddings = encoder.encode(a_texts + b_texts, batch_size=config.batch_size)
+    return caption_retrieval_accuracy(embeddings[: len(a_texts)], embeddings[len(a_texts) :])
+
+
+def report_cra(config: CRAConfig) -> dict:
+    a_texts, b_texts = caption_pairs(config)
+    rows = {"bag of words": bag_of_words_cra(a_texts, b_texts)}
+    for model_dir in config.model or []:
+        rows[model_dir] = model_cra(model_dir, a_texts, b_texts, config)
+    report = {"data": str(config.data), "split": config.split, "images": len(a_texts), "chance": 1 / len(a_texts), "cra": rows}
+    width = max(len(name) for name in rows)
+    print(f"CRA on {len(a_texts)} {config.split} images (chance {100 / len(a_texts):.2f}%)")
+    for name, value in rows.items():
+        print(f"  {name:<{width}}  {100 * value:6.2f}%")
+    if config.out is not None:
+        config.out.parent.mkdir(parents=True, exist_ok=True)
+        config.out.write_text(json.dumps(report, indent=2))
+    return report
+
