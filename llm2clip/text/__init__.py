@@ -1,0 +1,1 @@
+"""Stage 1: the LLM as a caption encoder (tiny LLM, bidirectional attention, MNTP, caption-contrastive LoRA)."""
