@@ -1,0 +1,409 @@
+"""`llm2clip synth`: a seeded world of coloured shapes on a 3x3 grid, written in real data formats.
+
+Per image: PNG, paraphrased short captions, a long caption describing every object, French
+renderings of both, and questions. A share of scenes is followed by a twin with the colours or
+the positions of its two main objects swapped, so their captions share every word and differ
+only in binding. Outputs under `out_dir`: images/<split>/<id>.png, <split>.jsonl, karpathy.json,
+llava/{pretrain,finetune}.json, llava/qa_{val,test}.jsonl, corpus.txt and world.json (last).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from llm2clip.config import config_to_dict
+from llm2clip.data.vocabulary import (
+    COLORS,
+    EN,
+    SHAPES,
+    SIZES,
+    Obj,
+    Scene,
+    generic_sentences,
+    long_caption,
+    questions,
+    relation,
+    short_captions,
+)
+from llm2clip.errors import InputError
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+RGB = {
+    "red": (220, 40, 40),
+    "orange": (245, 140, 20),
+    "yellow": (240, 220, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 90, 230),
+    "purple": (140, 60, 200),
+    "pink": (250, 120, 190),
+    "white": (240, 240, 240),
+}
+SIZE_FRACTION = {"small": 0.42, "medium": 0.66, "large": 0.92}  # diameter / cell width
+BRIEF_PROMPTS = [
+    "Describe the image briefly.",
+    "Give a short caption for this image.",
+    "Summarize the picture in a few words.",
+    "What does this image show? Answer briefly.",
+]
+DETAIL_PROMPT = "Describe the image in detail."
+SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
+
+
+@dataclass
+class SynthConfig:
+    out_dir: Path = Path("runs/world")
+    seed: int = 0
+    n_train: int = 6000
+    n_val: int = 500
+    n_test: int = 500
+    image_size: int = 64  # pixels, 32..336
+    min_objects: int = 1
+    max_objects: int = 6  # at most 9 (one per grid cell)
+    n_captions: int = 4  # short captions per image, 1..5
+    twin_prob: float = 0.3  # chance that a scene is followed by its attribute-swapped twin
+    overwrite: bool = False  # replace a world made with another config
+
+
+@dataclass(frozen=True)
+class Look:
+    """How one object is drawn beyond what the captions say."""
+
+    dx: float  # offset inside the cell, as a fraction (-1..1) of the free room
+    dy: float
+    angle: float  # degrees
+    tint: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Picture:
+    scene: Scene
+    looks: tuple[Look, ...]
+    background: tuple[int, int, int]
+    text_seed: str  # shared by twins, so their captions use the same words
+    twin: int | None = None  # index of the twin in the split
+
+
+def _check(config: SynthConfig) -> None:
+    problems = []
+    if not 32 <= config.image_size <= 336:
+        problems.append(f"image_size must be in 32..336, got {config.image_size}")
+    if not 1 <= config.min_objects <= config.max_objects <= 9:
+        problems.append(f"need 1 <= min_objects <= max_objects <= 9, got {config.min_objects} and {config.max_objects}")
+    if not 1 <= config.n_captions <= 5:
+        problems.append(f"n_captions must be in 1..5, got {config.n_captions}")
+    if not 0.0 <= config.twin_prob <= 1.0:
+        problems.append(f"twin_prob must be in 0..1, got {config.twin_prob}")
+    for split in SPLITS:
+        if getattr(config, f"n_{split}") < 1:
+            problems.append(f"n_{split} must be at least 1")
+    if problems:
+        raise InputError("synth config: " + "; ".join(problems))
+
+
+def _sample(rng: random.Random, config: SynthConfig, text_seed: str) -> Picture:
+    n = rng.randint(config.min_objects, config.max_objects)
+    cells = rng.sample(range(9), n)
+    kinds = rng.sample([(c, s) for c in COLORS for s in SHAPES], n)  # distinct (colour, shape) pairs
+    objects = tuple(Obj(shape, color, rng.choice(SIZES), cell) for (color, shape), cell in zip(kinds, cells))
+    rel = relation(objects[0], objects[1], vertical=rng.random() < 0.5) if n > 1 else None
+    looks = tuple(
+        Look(rng.uniform(-1, 1), rng.uniform(-1, 1), rng.uniform(-15, 15), tuple(rng.randint(-20, 20) for _ in range(3)))
+        for _ in objects
+    )
+    gray = rng.randint(15, 55)
+    background = tuple(gray + rng.randint(-8, 8) for _ in range(3))
+    return Picture(Scene(objects, rel), looks, background, text_seed)
+
+
+def _twin_objects(scene: Scene, kind: str) -> tuple[Obj, ...]:
+    a, b, *rest = scene.objects
+    if kind == "color":
+        return (replace(a, color=b.color), replace(b, color=a.color), *rest)
+    # Swap the places and the order: "A left of B" becomes "B left of A", with the same words.
+    return (replace(b, cell=a.cell), replace(a, cell=b.cell), *rest)
+
+
+def _twin_kinds(scene: Scene) -> list[str]:
+    kinds = ["position"]
+    swapped = _twin_objects(scene, "color")
+    if scene.objects[0].color != scene.objects[1].color and len({(o.color, o.shape) for o in swapped}) == len(swapped):
+        kinds.insert(0, "color")
+    return kinds
+
+
+def sample_split(config: SynthConfig, split: str, count: int) -> list[Picture]:
+    pictures: list[Picture] = []
+    while len(pictures) < count:
+        index = len(pictures)
+        rng = random.Random(f"{config.seed}/{split}/{index}")
+        picture = _sample(rng, config, text_seed=f"{config.seed}/{split}/{index}")
+        has_room = index + 1 < count and len(picture.scene.objects) > 1
+        if has_room and rng.random() < config.twin_prob:
+            kind = rng.choice(_twin_kinds(picture.scene))
+            scene = replace(picture.scene, twin_kind=kind)
+            twin_scene = replace(scene, objects=_twin_objects(scene, kind))
+            pictures.append(replace(picture, scene=scene, twin=index + 1))
+            pictures.append(replace(picture, scene=twin_scene, twin=index))
+        else:
+            pictures.append(picture)
+    return pictures
+
+
+def _outline(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    """Polygon vertices of a shape with circumradius `r`, rotated by `angle` degrees."""
+    if shape == "star":
+        polar = [(-90 + 36 * k, r if k % 2 == 0 else 0.45 * r) for k in range(10)]
+    elif shape == "cross":
+        w = 0.32 * r
+        corners = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r), (-w, -r), (-w, -w), (-r, -w), (-r, w), (-w, w), (-w, r)]
+        polar = [(math.degrees(math.atan2(y, x)), math.hypot(x, y)) for x, y in corners]
+    else:
+        sides = {"square": 4, "triangle": 3, "hexagon": 6}[shape]
+        start = {"square": 45, "triangle": -90, "hexagon": 0}[shape]
+        polar = [(start + 360 * k / sides, r) for k in range(sides)]
+    return [
+        (cx + rad * math.cos(math.radians(deg + angle)), cy + rad * math.sin(math.radians(deg + angle)))
+        for deg, rad in polar
+    ]
+
+
+def draw(picture: Picture, size: int) -> tuple[bytes, list[list[int]]]:
+    """PNG bytes of the picture (drawn supersampled, then reduced) and each object's pixel bbox."""
+    factor = max(2, 256 // size)
+    canvas = Image.new("RGB", (size * factor, size * factor), picture.background)
+    pen = ImageDraw.Draw(canvas)
+    cell = size * factor / 3
+    boxes = []
+    for obj, look in zip(picture.scene.objects, picture.looks):
+        diameter = cell * SIZE_FRACTION[obj.size]
+        room = (cell - diameter) / 2
+        cx = (obj.col + 0.5) * cell + look.dx * room
+        cy = (obj.row + 0.5) * cell + look.dy * room
+        r = diameter / 2
+        fill = tuple(min(255, max(0, c + t)) for c, t in zip(RGB[obj.color], look.tint))
+        if obj.shape == "circle":
+            pen.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        else:
+            pen.polygon(_outline(obj.shape, cx, cy, r, look.angle), fill=fill)
+        boxes.append([round(v / factor) for v in (cx - r, cy - r, cx + r, cy + r)])
+    buffer = io.BytesIO()
+    canvas.reduce(factor).save(buffer, format="PNG")
+    return buffer.getvalue(), boxes
+
+
+def _record(picture: Picture, split: str, index: int, config: SynthConfig, boxes: list[list[int]]) -> dict:
+    scene = picture.scene
+    captions, captions_fr = short_captions(scene, picture.text_seed, config.n_captions)
+    long_en, long_fr = long_caption(scene, picture.text_seed)
+    rng = random.Random(f"{config.seed}/{split}/{index}/qa")
+    return {
+        "id": _id(split, index),
+        "image": f"images/{split}/{_id(split, index)}.png",
+        "captions": captions,
+        "long_caption": long_en,
+        "captions_fr": captions_fr,
+        "long_caption_fr": long_fr,
+        "objects": [
+            {"shape": o.shape, "color": o.color, "size": o.size, "position": o.position, "cell": [o.row, o.col], "bbox": box}
+            for o, box in zip(scene.objects, boxes)
+        ],
+        "relation": scene.relation,
+        "twin": None if picture.twin is None else _id(split, picture.twin),
+        "twin_kind": scene.twin_kind,
+        "qa": questions(scene.objects, rng),
+    }
+
+
+def _id(split: str, index: int) -> str:
+    return f"{split}-{index:05d}"
+
+
+def _karpathy(records: dict[str, list[dict]]) -> dict:
+    images, sentid = [], 0
+    for split in SPLITS:
+        for record in records[split]:
+            imgid = len(images)
+            sentences = []
+            for caption in record["captions"]:
+                tokens = re.findall(r"[a-z0-9]+", caption.lower())
+                sentences.append({"raw": caption, "tokens": tokens, "sentid": sentid, "imgid": imgid})
+                sentid += 1
+            images.append({
+                "filepath": f"images/{split}",
+                "filename": Path(record["image"]).name,
+                "split": split,
+                "imgid": imgid,
+                "sentids": [s["sentid"] for s in sentences],
+                "sentences": sentences,
+                "cocoid": imgid,
+            })
+    return {"dataset": "synth", "images": images}
+
+
+def _llava_pretrain(train: list[dict], rng: random.Random) -> list[dict]:
+    return [
+        {
+            "id": r["id"],
+            "image": r["image"],
+            "conversations": [
+                {"from": "human", "value": "<image>\n" + rng.choice(BRIEF_PROMPTS)},
+                {"from": "gpt", "value": rng.choice(r["captions"])},
+            ],
+        }
+        for r in train
+    ]
+
+
+def _llava_finetune(train: list[dict], rng: random.Random) -> list[dict]:
+    samples = []
+    for r in train:
+        turns = [(qa["question"] + SHORT_ANSWER, qa["answer"]) for qa in rng.sample(r["qa"], len(r["qa"]))]
+        if rng.random() < 0.25:
+            turns.insert(rng.randrange(len(turns) + 1), (DETAIL_PROMPT, r["long_caption"]))
+        conversations = []
+        for i, (question, answer) in enumerate(turns):
+            conversations.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + question})
+            conversations.append({"from": "gpt", "value": answer})
+        samples.append({"id": r["id"], "image": r["image"], "conversations": conversations})
+    facts = [(f"How many sides does a {shape} have?", str(sides)) for shape, sides in (("triangle", 3), ("square", 4), ("hexagon", 6))]
+    facts += [(f"Which color is {word} a shade of?", color) for color in COLORS for word in EN.colors[color][1:]]
+    for k in range(max(1, len(train) // 20)):
+        if k % 2 == 0:
+            r = rng.choice(train)
+            i = rng.randrange(len(r["captions"]))
+            question, answer = f"Translate into French: {r['captions'][i]}", r["captions_fr"][i]
+        else:
+            question, answer = rng.choice(facts)
+        samples.append({
+            "id": f"text-{k:05d}",
+            "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
+        })
+    rng.shuffle(samples)
+    return samples
+
+
+def _qa_lines(records: list[dict]) -> list[str]:
+    return [
+        json.dumps({"id": f"{r['id']}-q{k}", "image": r["image"], **qa}, ensure_ascii=False)
+        for r in records
+        for k, qa in enumerate(r["qa"])
+    ]
+
+
+def _corpus(train: list[dict], rng: random.Random) -> list[str]:
+    """Train-split sentences in both languages, parallel "English = French" lines, and generic ones."""
+    lines = []
+    for r in train:
+        en, fr = r["captions"], r["captions_fr"]
+        picks = rng.sample(range(len(en)), len(en))
+        lines += [en[i] for i in picks[:2]] + [fr[i] for i in picks[-2:]]
+        lines += [r["long_caption"], r["long_caption_fr"]]
+        i = rng.randrange(len(en))
+        lines.append(f"{en[i]} = {fr[i]}")
+    lines += generic_sentences(rng, n_relations=len(train) // 3)
+    rng.shuffle(lines)
+    return lines
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same directory, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_text(path: Path, lines: list[str]) -> None:
+    _write_atomic(path, "".join(line + "\n" for line in lines).encode())
+
+
+def _write_json(path: Path, value: object, indent: int | None = None) -> None:
+    _write_atomic(path, (json.dumps(value, ensure_ascii=False, indent=indent) + "\n").encode())
+
+
+def _world_files(out_dir: Path) -> list[Path]:
+    names = [f"{s}.jsonl" for s in SPLITS] + ["karpathy.json", "corpus.txt", "llava/pretrain.json",
+                                              "llava/finetune.json", "llava/qa_val.jsonl", "llava/qa_test.jsonl"]
+    return [out_dir / name for name in names]
+
+
+def _settings(config: SynthConfig) -> dict:
+    """The config fields that decide the world's content."""
+    settings = config_to_dict(config)
+    del settings["out_dir"], settings["overwrite"]
+    return settings
+
+
+def _existing(out_dir: Path) -> dict | None:
+    try:
+        return json.loads((out_dir / "world.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def generate_world(config: SynthConfig) -> dict:
+    """Write the world under `config.out_dir` and return the summary stored in world.json."""
+    _check(config)
+    out_dir = Path(config.out_dir)
+    settings = _settings(config)
+    existing = _existing(out_dir)
+    if existing is not None:
+        same = existing.get("format_version") == FORMAT_VERSION and existing.get("config") == settings
+        if same and all(p.is_file() for p in _world_files(out_dir)):
+            print(f"synth: {out_dir} already holds this world (same config); nothing to do")
+            return existing
+        if not same and not config.overwrite:
+            raise InputError(f"{out_dir} holds a world made with another config; choose another out_dir or set overwrite=true")
+        (out_dir / "world.json").unlink()
+        shutil.rmtree(out_dir / "images", ignore_errors=True)
+
+    records: dict[str, list[dict]] = {}
+    for split in SPLITS:
+        pictures = sample_split(config, split, getattr(config, f"n_{split}"))
+        records[split] = []
+        for index, picture in enumerate(tqdm(pictures, desc=f"synth {split}", unit="img", leave=False, disable=None)):
+            png, boxes = draw(picture, config.image_size)
+            _write_atomic(out_dir / "images" / split / f"{_id(split, index)}.png", png)
+            records[split].append(_record(picture, split, index, config, boxes))
+        _write_text(out_dir / f"{split}.jsonl", [json.dumps(r, ensure_ascii=False) for r in records[split]])
+
+    rng = random.Random(f"{config.seed}/formats")
+    train = records["train"]
+    corpus = _corpus(train, rng)
+    _write_json(out_dir / "karpathy.json", _karpathy(records))
+    _write_json(out_dir / "llava" / "pretrain.json", _llava_pretrain(train, rng))
+    _write_json(out_dir / "llava" / "finetune.json", _llava_finetune(train, rng))
+    for split in ("val", "test"):
+        _write_text(out_dir / "llava" / f"qa_{split}.jsonl", _qa_lines(records[split]))
+    _write_text(out_dir / "corpus.txt", corpus)
+
+    long_words = [len(r["long_caption"].split()) for r in train]
+    summary = {
+        "format_version": FORMAT_VERSION,
+        "config": settings,
+        "counts": {split: len(records[split]) for split in SPLITS},
+        "twins": {split: sum(r["twin"] is not None for r in records[split]) for split in SPLITS},
+        "mean_long_caption_words": round(sum(long_words) / len(long_words), 1),
+        "corpus_lines": len(corpus),
+    }
+    _write_json(out_dir / "world.json", summary, indent=1)
+    counts = ", ".join(f"{split} {n}" for split, n in summary["counts"].items())
+    print(f"synth: wrote {out_dir}: {counts} images ({config.image_size} px), "
+          f"{sum(summary['twins'].values())} in twin pairs; mean long caption "
+          f"{summary['mean_long_caption_words']} words; corpus {len(corpus)} lines")
+    return summary
