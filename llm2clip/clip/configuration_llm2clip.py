@@ -1,0 +1,62 @@
+"""Configuration of the LLM2CLIP model: a CLIP vision tower and an adapter over frozen LLM caption embeddings."""
+
+import math
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import CLIPVisionConfig, PreTrainedConfig
+
+
+@strict
+class LLM2CLIPConfig(PreTrainedConfig):
+    r"""
+    vision_config (`dict` or `CLIPVisionConfig`, *optional*):
+        The vision tower (CLIP's defaults when None; `from_vision_pretrained` fills it from a checkpoint).
+    text_embed_dim (`int`, defaults to 4096):
+        Dimension of the LLM caption embeddings fed to the text adapter (4096 for Llama-3-8B).
+    adapter_hidden_dim (`int`, defaults to 4096):
+        Inner width of each residual MLP block of the text adapter.
+    adapter_depth (`int`, defaults to 4):
+        Number of residual MLP blocks; 0 leaves a LayerNorm and the projection.
+    projection_dim (`int`, defaults to 1280):
+        Dimension of the shared image-text space.
+    logit_scale_init_value (`float`, defaults to log(1/0.07)):
+        Initial value of the learnable log logit scale.
+    logit_scale_max (`float`, defaults to log(100)):
+        The log logit scale is clamped at this value.
+    loss (`"clip"` or `"siglip"`, defaults to `"clip"`):
+        InfoNCE (softmax) or sigmoid loss; `"siglip"` adds a learnable logit bias.
+    logit_bias_init_value (`float`, defaults to -10.0):
+        Initial logit bias of the sigmoid loss.
+    initializer_range (`float`, defaults to 0.02):
+        Standard deviation of the adapter's initial weights.
+    """
+
+    model_type = "llm2clip"
+    sub_configs_defaults = {"vision_config": CLIPVisionConfig}
+
+    vision_config: dict | CLIPVisionConfig | None = None
+    text_embed_dim: int = 4096
+    adapter_hidden_dim: int = 4096
+    adapter_depth: int = 4
+    projection_dim: int = 1280
+    logit_scale_init_value: float | int = math.log(1 / 0.07)
+    logit_scale_max: float | int = math.log(100)
+    loss: Literal["clip", "siglip"] = "clip"
+    logit_bias_init_value: float | int = -10.0
+    initializer_range: float = 0.02
+
+    def validate_llm2clip(self):
+        """Part of `@strict` validation: sizes must make a model."""
+        for name in ("text_embed_dim", "adapter_hidden_dim", "projection_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.adapter_depth < 0:
+            raise ValueError(f"adapter_depth must be 0 or more, got {self.adapter_depth}")
+        if self.logit_scale_init_value > self.logit_scale_max:
+            raise ValueError(
+                f"logit_scale_init_value ({self.logit_scale_init_value}) is above logit_scale_max ({self.logit_scale_max})"
+            )
+
+
+__all__ = ["LLM2CLIPConfig"]
