@@ -108,6 +108,21 @@ COMMANDS: tuple[Command, ...] = (
             Flag("--out", "out", "optional JSON report path"),
         ),
     ),
+    Command(
+        ("eval",),
+        "llm2clip.eval.run:EvalConfig",
+        "llm2clip.eval.run:evaluate",
+        "Retrieval (short, long, translated captions), zero-shot and CRA of LLM2CLIP and CLIP models side by side.",
+        flags=(
+            Flag("--models", "models", "checkpoint directories, comma-separated (LLM2CLIP or CLIP)"),
+            Flag("--names", "names", "display names, comma-separated, one per model"),
+            Flag("--text-encoder", "text_encoder", "LLM caption encoder of the LLM2CLIP models"),
+            Flag("--data", "data", "world directory, JSONL, COCO-Karpathy or ShareGPT4V JSON"),
+            Flag("--split", "split", "split to evaluate"),
+            Flag("--tasks", "tasks", "comma-separated tasks"),
+            Flag("--out", "out_dir", "directory for report.json and report.md"),
+        ),
+    ),
 )
 
 

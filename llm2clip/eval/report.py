@@ -1,0 +1,67 @@
+"""The evaluation report: report.json (every metric, as fractions) and report.md (one table, in %)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+# Table columns per task: (metric key in report.json, column header). The JSON has R@5 and R@10 too.
+COLUMNS = {
+    "retrieval_short": [("i2t R@1", "short i2t R@1"), ("t2i R@1", "short t2i R@1")],
+    "retrieval_long": [("i2t R@1", "long i2t R@1"), ("t2i R@1", "long t2i R@1")],
+    "retrieval_translated": [("i2t R@1", "translated i2t R@1"), ("t2i R@1", "translated t2i R@1")],
+    "retrieval_translated_long": [("i2t R@1", "translated long i2t R@1"), ("t2i R@1", "translated long t2i R@1")],
+    "zeroshot": [("top-1", "zero-shot top-1"), ("top-5", "zero-shot top-5")],
+    "cra": [("cra", "CRA")],
+}
+
+
+def markdown(report: dict) -> str:
+    """A header line, a row per model with a column per metric (in %), and the notes."""
+    tasks = [task for task in report["tasks"] if "skipped" not in report["tasks"][task]]
+    columns = [(task, key, header) for task in tasks for key, header in COLUMNS[task]]
+    lines = [
+        f"Evaluation on {report['data']} ({report['split']}), numbers in %.",
+        "",
+        "| model | " + " | ".join(header for _, _, header in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for model in report["models"]:
+        cells = [f"{100 * model['metrics'][task][key]:.1f}" for task, key, _ in columns]
+        lines.append(f"| {model['name']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for task, info in report["tasks"].items():
+        if "skipped" in info:
+            lines.append(f"- {task}: skipped ({info['skipped']})")
+        else:
+            counts = ", ".join(f"{n} {what}" for what, n in info.items())
+            lines.append(f"- {task}: {counts}")
+    if "cra_bag_of_words" in report:
+        lines.append(f"- CRA of a bag of words on the same captions: {100 * report['cra_bag_of_words']:.1f}")
+    skipped = report["skipped_images"]
+    if skipped["count"]:
+        lines.append(f"- skipped {skipped['count']} unreadable image(s), e.g. {skipped['reasons'][0]}")
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_report(report: dict, out_dir: str | os.PathLike) -> str:
+    """Write report.json and report.md under `out_dir` (each atomically) and return the markdown."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = markdown(report)
+    _write_atomic(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    _write_atomic(out_dir / "report.md", table)
+    return table
