@@ -123,6 +123,18 @@ COMMANDS: tuple[Command, ...] = (
             Flag("--out", "out_dir", "directory for report.json and report.md"),
         ),
     ),
+    Command(
+        ("embed",),
+        "llm2clip.embed.build:EmbedConfig",
+        "llm2clip.embed.build:build_cache",
+        "Cache the frozen encoder's caption embeddings for stage 2 (sharded, resumable, torchrun-aware).",
+        flags=(
+            Flag("--model", "model", "caption encoder directory (the stage-1 merged model)"),
+            Flag("--data", "data", "dataset directory, .jsonl or .json file"),
+            Flag("--out", "out_dir", "cache directory"),
+            Flag("--split", "split", "split name when --data has splits"),
+        ),
+    ),
 )
 
 
