@@ -135,6 +135,20 @@ COMMANDS: tuple[Command, ...] = (
             Flag("--split", "split", "split name when --data has splits"),
         ),
     ),
+    Command(
+        ("stage2",),
+        "llm2clip.stage2.train:Stage2Config",
+        "llm2clip.stage2.train:train_stage2",
+        "Train a CLIP vision tower against cached LLM caption embeddings (or the plain CLIP baseline).",
+        flags=(
+            Flag("--model-type", "model_type", "llm2clip | clip (the baseline with its own text transformer)"),
+            Flag("--data", "data", "world directory, .jsonl, COCO-Karpathy or ShareGPT4V .json"),
+            Flag("--shards", "shards", "tar shards: directories, globs or {000..099} ranges, comma-separated"),
+            Flag("--cache", "cache", "caption-embedding cache of the data (llm2clip)"),
+            Flag("--encoder", "encoder", "caption encoder the cache must come from"),
+            Flag("--out", "out_dir", "output directory"),
+            Flag("--deepspeed", "train.deepspeed", "DeepSpeed JSON config"),
+        ),
 )
 
 
