@@ -149,6 +149,7 @@ COMMANDS: tuple[Command, ...] = (
             Flag("--out", "out_dir", "output directory"),
             Flag("--deepspeed", "train.deepspeed", "DeepSpeed JSON config"),
         ),
+    ),
 )
 
 
