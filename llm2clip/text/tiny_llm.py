@@ -51,7 +51,7 @@ class TinyLLMConfig:
     max_position_embeddings: int = 1024
     rope_theta: float = 10000.0
     seq_len: int = 128  # tokens per packed training sequence
-    pretrain_steps: int = 200  # 0 saves the randomly initialised model
+    pretrain_steps: int = 150  # 0 saves the randomly initialised model
     batch_size: int = 16
     learning_rate: float = 2e-3
     warmup_ratio: float = 0.05
