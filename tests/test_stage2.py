@@ -361,15 +361,32 @@ def test_clip_baseline_run(world, tmp_path, capsys):
     torch.testing.assert_close(tower.state_dict()["post_layernorm.weight"], model.vision_model.post_layernorm.weight)
 
 
-def test_llm2clip_run_on_tar_shards(world, cache_dir, encoder_dir, tmp_path):
+@pytest.mark.parametrize("model_type", ["llm2clip", "clip"])
+def test_run_on_tar_shards(world, cache_dir, encoder_dir, tmp_path, model_type):
     write_shards(world, tmp_path / "shards", count=2)
     out = tmp_path / "run"
-    train_stage2(tiny(world, cache_dir, encoder_dir, out, f"shards={tmp_path / 'shards'}", "train.max_steps=2",
-                      "shuffle_buffer=4"))
+    train_stage2(tiny(world, cache_dir, encoder_dir, out, f"shards={tmp_path / 'shards'}", f"model_type={model_type}",
+                      "train.max_steps=2", "shuffle_buffer=4"))
     result = report(out)
-    assert result["steps"] == 2
-    # bad-json and txt-only are not records of the cache's dataset; the other two are broken anyway
+    assert result["steps"] == 2 and result["images"] is None
+    # llm2clip also skips bad-json and txt-only: they are not records of the cache's dataset
     assert set(result["skipped"]) <= {"not in the cache's dataset", "corrupt image", "no image", "unreadable captions"}
+    if model_type == "clip":  # its BPE was trained on the shards' own captions
+        assert AutoTokenizer.from_pretrained(out / "final").tokenize(" hexagon") == ["Ġhexagon"]
+
+
+@pytest.mark.slow
+def test_two_ranks_split_the_shards(world, cache_dir, encoder_dir, tmp_path):
+    write_shards(world, tmp_path / "shards", count=4)
+    out = tmp_path / "ranks"
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "llm2clip.cli", "stage2",
+            "--data", str(world), "--cache", str(cache_dir), "--encoder", str(encoder_dir), "--out", str(out),
+            "--shards", str(tmp_path / "shards"), *TINY, "train.max_steps=3", "shuffle_buffer=4"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    subprocess.run(args, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    result = report(out)
+    assert result["steps"] == 3 and result["global_batch"] == 8  # 4 per rank, 2 ranks in one DDP group
+    assert isinstance(AutoModel.from_pretrained(out / "final"), LLM2CLIPModel)
 
 
 def test_logit_scale_is_clamped_after_each_step():
