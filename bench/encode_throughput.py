@@ -59,30 +59,24 @@ def build_model(out: Path, texts: list[str]) -> Path:
     return out
 
 
-def time_ours(model: Path, texts: list[str], args: argparse.Namespace) -> tuple[float, np.ndarray]:
-    encoder = LLMEncoder.from_pretrained(model, pooling_mode=args.pooling, dtype="float32", device="cpu")
-    encoder.encode(texts[: args.batch_size * 2], batch_size=args.batch_size, show_progress=False)  # warm-up
-    best, embeddings = float("inf"), None
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        embeddings = encoder.encode(texts, batch_size=args.batch_size, show_progress=False)
-        best = min(best, time.perf_counter() - start)
-    return best, embeddings.numpy()
+def time_ours(encoder: LLMEncoder, texts: list[str], batch_size: int) -> tuple[float, np.ndarray]:
+    start = time.perf_counter()
+    embeddings = encoder.encode(texts, batch_size=batch_size, show_progress=False)
+    return time.perf_counter() - start, embeddings.numpy()
 
 
-def time_llm2vec(model: Path, texts: list[str], args: argparse.Namespace, work: Path) -> tuple[float, np.ndarray]:
-    python = subprocess.run(["bash", str(ROOT / "scripts" / "setup_parity_venv.sh")], check=True,
-                            capture_output=True, text=True).stdout.strip().splitlines()[-1]
+def time_llm2vec(python: str, model: Path, texts: list[str], args: argparse.Namespace,
+                 work: Path) -> tuple[float, np.ndarray]:
+    """One llm2vec process: a warm-up call, then the timed one."""
     job = {"model": str(model), "pooling_mode": args.pooling, "batch_size": args.batch_size}
-    jobs = [{**job, "texts": texts[: args.batch_size * 2], "out": str(work / "warmup.npy")}]
-    jobs += [{**job, "texts": texts, "out": str(work / f"llm2vec{i}.npy")} for i in range(args.repeats)]
+    jobs = [{**job, "texts": texts[: args.batch_size * 2], "out": str(work / "warmup.npy")},
+            {**job, "texts": texts, "out": str(work / "llm2vec.npy")}]
     (work / "jobs.json").write_text(json.dumps({"threads": args.threads, "jobs": jobs}))
     result = subprocess.run([python, str(ROOT / "tests" / "parity" / "llm2vec_encode.py"), str(work / "jobs.json"),
                              str(work / "results.json")], capture_output=True, text=True)
     if result.returncode:
         sys.exit(f"llm2vec failed:\n{result.stderr[-3000:]}")
-    results = json.loads((work / "results.json").read_text())[1:]
-    return min(r["seconds"] for r in results), np.load(results[0]["out"])
+    return json.loads((work / "results.json").read_text())[1]["seconds"], np.load(work / "llm2vec.npy")
 
 
 def main() -> None:
@@ -90,25 +84,35 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="encoder directory (default: build a tiny-LLM-sized Llama)")
     parser.add_argument("--captions", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
+    # One thread keeps timings steady on a shared 2-core machine: two OpenMP threads competing
+    # with other processes made single runs vary from 6 to 65 s.
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--pooling", default="mean")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per side; the best one counts")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating timed runs per side; the best counts")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    python = subprocess.run(["bash", str(ROOT / "scripts" / "setup_parity_venv.sh")], check=True,
+                            capture_output=True, text=True).stdout.strip().splitlines()[-1]
     texts = captions(args.captions)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = args.model or build_model(work / "model", texts)
-        ours, ours_embeddings = time_ours(model, texts, args)
-        theirs, theirs_embeddings = time_llm2vec(model, texts, args, work)
+        encoder = LLMEncoder.from_pretrained(model, pooling_mode=args.pooling, dtype="float32", device="cpu")
+        encoder.encode(texts[: args.batch_size * 2], batch_size=args.batch_size, show_progress=False)  # warm-up
+        ours, theirs = [], []
+        for _ in range(args.repeats):
+            seconds, ours_embeddings = time_ours(encoder, texts, args.batch_size)
+            ours.append(seconds)
+            seconds, theirs_embeddings = time_llm2vec(python, model, texts, args, work)
+            theirs.append(seconds)
     words = sum(len(t.split()) for t in texts) / len(texts)
     print(f"model {model if args.model else 'random Llama, hidden 256, 4 layers'}; {len(texts)} captions "
           f"({words:.1f} words on average); batch {args.batch_size}; {args.pooling} pooling; "
-          f"{args.threads} threads; best of {args.repeats}")
-    print(f"llm2vec 0.2.3 (transformers 4.44.2)       {len(texts) / theirs:8.1f} captions/s  ({theirs:.2f} s)")
-    print(f"LLMEncoder (transformers {transformers.__version__})        {len(texts) / ours:8.1f} captions/s  "
-          f"({ours:.2f} s)")
-    print(f"ratio ours/llm2vec: {theirs / ours:.2f}x; max abs diff of embeddings: "
+          f"{args.threads} thread(s); best of {args.repeats} alternating runs")
+    for name, runs in (("llm2vec 0.2.3 (transformers 4.44.2)", theirs),
+                       (f"LLMEncoder (transformers {transformers.__version__})", ours)):
+        print(f"{name:38s} {len(texts) / min(runs):8.1f} captions/s  (runs: {', '.join(f'{t:.2f}' for t in runs)} s)")
+    print(f"ratio ours/llm2vec: {min(theirs) / min(ours):.2f}x; max abs diff of embeddings: "
           f"{np.abs(ours_embeddings - theirs_embeddings).max():.2e}")
 
 
