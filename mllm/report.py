@@ -1,0 +1,113 @@
+"""The LLaVA benchmark report: report.json and report.md, one row per model and one column per task.
+
+Scores come from lmms-eval's own results files. A task with one metric gets one column named after
+the task; a task with several (MME, POPE) gets one column per metric, named "task metric".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class ModelRun:
+    name: str
+    path: str  # the exported Llava directory as given
+    command: str  # the exact shell command that ran lmms-eval
+    results: dict  # lmms-eval's results JSON
+
+
+def metrics(results: dict) -> dict[str, dict[str, float]]:
+    """Per task, its numeric metrics from an lmms-eval results JSON (stderr entries left out).
+
+    lmms-eval keys metrics as "metric,filter"; the default filter "none" is dropped from the name.
+    """
+    table = {}
+    for task, values in results["results"].items():
+        table[task] = {}
+        for key, value in values.items():
+            metric, _, filter_name = key.partition(",")
+            if "_stderr" in metric or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            table[task][metric if filter_name in ("", "none") else f"{metric} ({filter_name})"] = float(value)
+    return table
+
+
+def build_report(runs: list[ModelRun], lmms_eval_version: str, settings: dict) -> dict:
+    """The report as plain data: settings, columns in first-seen order, and a row per model."""
+    per_model = [metrics(run.results) for run in runs]
+    task_metrics: dict[str, list[str]] = {}
+    for table in per_model:
+        for task, values in table.items():
+            names = task_metrics.setdefault(task, [])
+            names.extend(m for m in values if m not in names)
+    columns = {
+        (task if len(names) == 1 else f"{task} {metric}"): (task, metric)
+        for task, names in task_metrics.items()
+        for metric in names
+    }
+    models = []
+    for run, table in zip(runs, per_model):
+        scores = {col: table[task][metric] for col, (task, metric) in columns.items() if metric in table.get(task, {})}
+        samples = {task: n["effective"] for task, n in run.results.get("n-samples", {}).items()}
+        models.append({"name": run.name, "path": run.path, "scores": scores, "samples": samples, "command": run.command})
+    return {"lmms_eval_version": lmms_eval_version, **settings, "columns": list(columns), "models": models}
+
+
+def _cell(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if abs(value) <= 1 else f"{value:.1f}"
+
+
+def markdown(report: dict) -> str:
+    columns = report["columns"]
+    limit = report.get("limit")
+    lines = [
+        "# LLaVA benchmark",
+        "",
+        f"lmms-eval {report['lmms_eval_version']}, model `{report['lmms_eval_model']}`, batch size 1, "
+        f"{'first ' + str(limit) + ' samples of each task' if limit else 'all samples'}.",
+    ]
+    if report.get("world"):
+        lines.append(f"synth_qa: the {report['split']} questions of the synthetic world {report['world']}.")
+    lines += [
+        "",
+        "| model | " + " | ".join(columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for model in report["models"]:
+        lines.append(f"| {model['name']} | " + " | ".join(_cell(model["scores"].get(c)) for c in columns) + " |")
+    lines.append("")
+    for model in report["models"]:
+        counts = ", ".join(f"{task} {n}" for task, n in model["samples"].items())
+        lines.append(f"- {model['name']} ({model['path']}): samples per task: {counts}")
+    lines += ["", "## Commands", ""]
+    for model in report["models"]:
+        lines += [f"{model['name']}:", "", "```sh", model["command"], "```", ""]
+    return "\n".join(lines)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_report(report: dict, out_dir: str | os.PathLike) -> str:
+    """Write report.json and report.md under `out_dir` (each atomically) and return the markdown."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = markdown(report)
+    _write_atomic(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    _write_atomic(out_dir / "report.md", text)
+    return text

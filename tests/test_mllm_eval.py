@@ -1,0 +1,329 @@
+"""`mllm eval`: the synth_qa lmms-eval tasks, their metric, the report, and lmms-eval on a tiny Llava."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+
+from llm2clip.data.synth import SHORT_ANSWER, SynthConfig, generate_world
+from llm2clip.errors import InputError
+from llm2clip.text.tokenizer_training import train_tokenizer
+from mllm.evaluate import (
+    SYNTH_TYPES,
+    TASK_DIR,
+    EvalConfig,
+    display_names,
+    evaluate,
+    resolve_device,
+    run_model,
+    write_synth_tasks,
+)
+from mllm.lmms_tasks.utils import doc_to_text, doc_to_visual, exact_match, normalize, process_results
+from mllm.report import ModelRun, build_report, markdown, write_report
+
+# vicuna_v1 turns over lmms-eval's chat messages, whose content is a list of image and text items.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: "
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% else %}{{ item['text'] }}{% endif %}"
+    "{% endfor %} "
+    "{% else %}ASSISTANT: {% for item in message['content'] %}{{ item['text'] }}{% endfor %}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("world")
+    generate_world(SynthConfig(out_dir=out, n_train=5, n_val=5, n_test=12, image_size=32))
+    return out
+
+
+def save_tiny_llava(world: Path, out: Path) -> Path:
+    """A random Llava with a 32 px CLIP tower and a 2-layer Llama, saved like an export."""
+    torch.manual_seed(0)
+    tokenizer = train_tokenizer((world / "corpus.txt").read_text().splitlines(), vocab_size=300, model_max_length=256)
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default",
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    LlavaForConditionalGeneration(config).save_pretrained(out)
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+                   num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llava(world, tmp_path_factory) -> Path:
+    return save_tiny_llava(world, tmp_path_factory.mktemp("llava") / "export")
+
+
+# ---------------------------------------------------------------- the metric and the task hooks, by hand
+
+
+@pytest.mark.parametrize("prediction, answer, score", [
+    ("red", "red", 1.0),
+    ("  Red. ", "red", 1.0),
+    ("Top-Left", "top left", 1.0),
+    ("bottom  right!", "bottom right", 1.0),
+    ("Two", "2", 1.0),
+    ("zero", "0", 1.0),
+    ("3", "three", 1.0),
+    ("Yes.", "yes", 1.0),
+    ("no", "yes", 0.0),
+    ("red circle", "red", 0.0),
+    ("top", "top left", 0.0),
+    ("", "red", 0.0),
+])
+def test_exact_match_after_light_normalisation(prediction, answer, score):
+    assert exact_match(prediction, answer) == score
+
+
+def test_normalize():
+    assert normalize("How MANY? Five, six_seven") == "how many 5 6 7"
+
+
+def test_process_results_scores_the_first_response():
+    doc = {"answer": "4", "question": "How many shapes are there?"}
+    assert process_results(doc, ["four"]) == {"exact_match": 1.0}
+    assert process_results(doc, ["five"]) == {"exact_match": 0.0}
+
+
+def test_prompt_is_the_finetuning_prompt(world):
+    question = json.loads((world / "llava" / "qa_test.jsonl").read_text().splitlines()[0])["question"]
+    assert doc_to_text({"question": question}) == question + SHORT_ANSWER
+    # The world's instruction data asks its questions in the same form.
+    finetune = json.loads((world / "llava" / "finetune.json").read_text())
+    turns = [turn["value"].removeprefix("<image>\n") for sample in finetune for turn in sample["conversations"]
+             if turn["from"] == "human" and turn["value"].endswith(SHORT_ANSWER)]
+    assert turns and all(doc_to_text({"question": t.removesuffix(SHORT_ANSWER)}) == t for t in turns)
+
+
+def test_doc_to_visual_opens_an_rgb_image(world):
+    (image,) = doc_to_visual({"image": str(next((world / "images" / "test").glob("*.png")))})
+    assert image.mode == "RGB" and image.size == (32, 32)
+
+
+# ---------------------------------------------------------------- the task folder
+
+
+class _TaskLoader(yaml.SafeLoader):
+    """Reads lmms-eval YAMLs, keeping `!function` references as strings."""
+
+
+_TaskLoader.add_constructor("!function", lambda loader, node: "!function " + loader.construct_scalar(node))
+
+
+def _task_yaml(path: Path) -> dict:
+    return yaml.load(path.read_text(), Loader=_TaskLoader)
+
+
+def test_task_yamls_cover_every_question_type():
+    group = _task_yaml(TASK_DIR / "synth_qa.yaml")
+    assert group["group"] == "synth_qa"
+    assert group["task"] == [f"synth_qa_{t}" for t in SYNTH_TYPES]
+    template = _task_yaml(TASK_DIR / "_synth_qa_template_yaml")
+    assert template["dataset_path"] == "json" and template["output_type"] == "generate_until"
+    assert template["metric_list"][0]["metric"] == "exact_match"
+    for qa_type in SYNTH_TYPES:
+        task = _task_yaml(TASK_DIR / f"synth_qa_{qa_type}.yaml")
+        assert task["task"] == f"synth_qa_{qa_type}"
+        assert task["include"] == "_synth_qa_template_yaml"
+        assert task["dataset_kwargs"]["data_files"] == {"test": f"data/{qa_type}.jsonl"}
+
+
+def test_write_synth_tasks_puts_the_questions_beside_the_yamls(world, tmp_path):
+    out = write_synth_tasks(world, "test", tmp_path / "lmms_tasks")
+    assert {p.name for p in TASK_DIR.iterdir() if p.name != "__pycache__"} <= {p.name for p in out.iterdir()}
+    source = [json.loads(line) for line in (world / "llava" / "qa_test.jsonl").read_text().splitlines()]
+    written = 0
+    for qa_type in SYNTH_TYPES:
+        rows = [json.loads(line) for line in (out / "data" / f"{qa_type}.jsonl").read_text().splitlines()]
+        assert [r["question"] for r in rows] == [s["question"] for s in source if s["type"] == qa_type]
+        assert all(Path(r["image"]).is_absolute() and Path(r["image"]).is_file() for r in rows)
+        written += len(rows)
+    assert written == len(source)
+    write_synth_tasks(world, "val", out)  # a rerun replaces the folder
+    assert (out / "data" / "color.jsonl").read_text().count("images/val/") > 0
+
+
+def _broken_world(world: Path, tmp_path: Path, edit) -> Path:
+    copy = tmp_path / "world"
+    (copy / "llava").mkdir(parents=True)
+    (copy / "images").symlink_to(world / "images")
+    lines = (world / "llava" / "qa_test.jsonl").read_text().splitlines()
+    (copy / "llava" / "qa_test.jsonl").write_text("\n".join(edit(lines)) + "\n")
+    return copy
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda lines: [line for line in lines if '"size"' not in line], "no size questions"),
+    (lambda lines: lines[:3] + ["{not json"] + lines[3:], "line 4"),
+    (lambda lines: [lines[0].replace("images/test/", "images/nowhere/")] + lines[1:], "line 1: image"),
+    (lambda lines: ['{"image": "x.png"}'] + lines, "line 1: need a JSON object"),
+])
+def test_bad_world_questions_are_named(world, tmp_path, edit, message):
+    with pytest.raises(InputError, match=message):
+        write_synth_tasks(_broken_world(world, tmp_path, edit), "test", tmp_path / "tasks")
+
+
+def test_missing_split_is_named(world, tmp_path):
+    with pytest.raises(InputError, match="qa_train.jsonl not found"):
+        write_synth_tasks(world, "train", tmp_path / "tasks")
+
+
+# ---------------------------------------------------------------- config checks
+
+
+def test_display_names_are_the_shortest_distinct_path_endings(tmp_path):
+    config = EvalConfig(models=[str(tmp_path / "llm2clip" / "export"), str(tmp_path / "clip" / "export")])
+    assert display_names(config) == ["llm2clip/export", "clip/export"]
+    assert display_names(EvalConfig(models=["a", "b"], names=["x", "y"])) == ["x", "y"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"models": []}, "no models"),
+    ({"tasks": []}, "no tasks"),
+    ({"names": ["a", "b"]}, "2 names for 1 models"),
+    ({"limit": 0}, "limit must be at least 1"),
+    ({"dtype": "fp8"}, "dtype must be one of"),
+    ({"tasks": ["synth_qa_shape"]}, "unknown synthetic task"),
+    ({"device": "tpu"}, "device must be cpu, cuda or cuda:N"),
+])
+def test_bad_config_is_named(llava, world, tmp_path, overrides, message):
+    config = EvalConfig(**{"models": [str(llava)], "world": world, "out_dir": tmp_path / "eval", **overrides})
+    with pytest.raises(InputError, match=message):
+        evaluate(config)
+
+
+def test_bad_model_directories_are_named(llava, tmp_path):
+    with pytest.raises(InputError, match="no config.json"):
+        evaluate(EvalConfig(models=[str(tmp_path)], out_dir=tmp_path / "eval"))
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(InputError, match="model_type 'llama' is not one lmms-eval's llava_hf loads"):
+        evaluate(EvalConfig(models=[str(tmp_path / "llama")], out_dir=tmp_path / "eval"))
+    with pytest.raises(InputError, match="cannot carry"):
+        evaluate(EvalConfig(models=[str(llava) + ",dtype=x"], out_dir=tmp_path / "eval"))
+    with pytest.raises(InputError, match="must differ"):
+        evaluate(EvalConfig(models=[str(llava), str(llava)], names=["a b", "a/b"], out_dir=tmp_path / "eval"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_a_gpu_is_named():
+    assert resolve_device(None) == "cpu"
+    with pytest.raises(InputError, match="no CUDA GPU"):
+        resolve_device("cuda")
+
+
+# ---------------------------------------------------------------- lmms-eval failures lmms-eval itself only logs
+
+
+def _fake_lmms_eval(tmp_path: Path, output: str, write_results: bool) -> list[str]:
+    script = f"import pathlib, sys\nsys.stdout.write({output!r})\n"
+    if write_results:
+        script += f"pathlib.Path({str(tmp_path / 'run' / 'model')!r}).mkdir()\n"
+        script += f"pathlib.Path({str(tmp_path / 'run' / 'model' / 'x_results.json')!r}).write_text('{{}}')\n"
+    return [sys.executable, "-c", script]
+
+
+def test_a_failed_run_names_the_model_and_lmms_evals_reason(tmp_path):
+    output = ("\x1b[31mERROR\x1b[0m | lmms_eval.__main__:cli_evaluate:614 - Error during evaluation: "
+              "Tasks not found: gqa_x. Please set `--verbosity=DEBUG` to get more information.\n")
+    command = _fake_lmms_eval(tmp_path, output, write_results=False)
+    with pytest.raises(InputError, match=r"model 'tower' \(some/dir\) failed: Tasks not found: gqa_x\. Full log"):
+        run_model("tower", "some/dir", command, {}, tmp_path / "run")
+    assert "Tasks not found" in (tmp_path / "run" / "lmms_eval.log").read_text()
+
+
+def test_swallowed_generation_errors_fail_the_run(tmp_path):
+    output = "ERROR | lmms_eval.models.chat.llava_hf:generate_until:108 - Error Image features and image tokens do not match in generating\n"
+    command = _fake_lmms_eval(tmp_path, output, write_results=True)
+    with pytest.raises(InputError, match="could not generate an answer for 1 sample"):
+        run_model("tower", "some/dir", command, {}, tmp_path / "run")
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _results(color: float, pope: float) -> dict:
+    """The parts of an lmms-eval results JSON that the report reads."""
+    return {
+        "results": {
+            "synth_qa": {"exact_match,none": (color + 0.5) / 2, "exact_match_stderr,none": 0.1, "alias": "synth_qa"},
+            "synth_qa_color": {"alias": " - synth_qa_color", "exact_match,none": color,
+                               "exact_match_stderr,none": 0.1, "exact_match_stderr_clustered,none": "N/A"},
+            "synth_qa_count": {"alias": " - synth_qa_count", "exact_match,none": 0.5},
+            "pope": {"alias": "pope", "pope_accuracy,none": pope, "pope_f1_score,none": pope - 0.1},
+            "mme": {"mme_cognition_score,none": 250.0, "mme_percetion_score,none": 1200.5},
+        },
+        "n-samples": {"synth_qa_color": {"original": 12, "effective": 4}, "synth_qa_count": {"original": 12, "effective": 4}},
+    }
+
+
+def test_report_puts_models_side_by_side(tmp_path):
+    runs = [ModelRun("llm2clip", "runs/a", "python -m lmms_eval --model llava_hf --tasks synth_qa", _results(0.75, 0.8)),
+            ModelRun("clip", "runs/b", "python -m lmms_eval --model llava_hf --tasks synth_qa", _results(0.25, 0.6))]
+    del runs[1].results["results"]["mme"]
+    settings = {"lmms_eval_model": "llava_hf", "tasks": ["synth_qa", "pope", "mme"], "limit": 4,
+                "world": "runs/world", "split": "test", "device": "cpu", "dtype": "float32"}
+    report = build_report(runs, "0.7.3", settings)
+    assert report["columns"] == ["synth_qa", "synth_qa_color", "synth_qa_count", "pope pope_accuracy",
+                                 "pope pope_f1_score", "mme mme_cognition_score", "mme mme_percetion_score"]
+    first, second = report["models"]
+    assert first["scores"]["synth_qa_color"] == 0.75 and second["scores"]["synth_qa_color"] == 0.25
+    assert first["scores"]["pope pope_f1_score"] == pytest.approx(0.7)
+    assert "mme mme_cognition_score" not in second["scores"]
+    assert first["samples"] == {"synth_qa_color": 4, "synth_qa_count": 4}
+    text = write_report(report, tmp_path)
+    assert text == markdown(report) == (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "report.json").read_text()) == report
+    assert "lmms-eval 0.7.3" in text and "first 4 samples of each task" in text
+    assert "| llm2clip | 0.625 | 0.750 | 0.500 | 0.800 | 0.700 | 250.0 | 1200.5 |" in text
+    assert "| clip | 0.375 | 0.250 | 0.500 | 0.600 | 0.500 | - | - |" in text
+    assert text.count("python -m lmms_eval --model llava_hf --tasks synth_qa") == 2
+
+
+# ---------------------------------------------------------------- lmms-eval end to end
+
+
+@pytest.mark.slow  # one lmms-eval process: about 30 s, most of it importing lmms-eval and indexing its tasks
+def test_lmms_eval_on_ten_synthetic_samples(llava, world, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+    out = tmp_path / "eval"
+    report = evaluate(EvalConfig(models=[str(llava)], names=["tiny"], world=world, limit=2, device="cpu", out_dir=out))
+    (model,) = report["models"]
+    assert report["lmms_eval_version"] == "0.7.3"
+    assert report["columns"] == ["synth_qa", *(f"synth_qa_{t}" for t in SYNTH_TYPES)]
+    assert model["samples"] == {f"synth_qa_{t}": 2 for t in SYNTH_TYPES}  # 10 samples in all
+    assert all(0.0 <= score <= 1.0 for score in model["scores"].values())
+    assert "--model llava_hf" in model["command"] and "--limit 2" in model["command"]
+    assert f"--include_path {out / 'lmms_tasks'}" in model["command"] and model["command"].startswith("HF_HUB_OFFLINE=1")
+    assert (out / "report.md").read_text().count("| tiny |") == 1
+    # lmms-eval's own outputs: results, and each sample with the finetuning prompt and a generated answer.
+    (samples,) = (out / "tiny").glob("*/*_samples_synth_qa_color.jsonl")
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert len(rows) == 2 and all(r["input"].endswith(SHORT_ANSWER) for r in rows)
+    assert all(r["filtered_resps"] for r in rows)  # a random model still says something
