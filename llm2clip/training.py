@@ -67,7 +67,8 @@ def training_arguments(train: TrainSettings, checkpoint_dir: Path, **overrides) 
         weight_decay=train.weight_decay,
         warmup_steps=train.warmup_ratio,
         lr_scheduler_type=train.lr_scheduler,
-        gradient_checkpointing=train.gradient_checkpointing,
+        activation_checkpointing=train.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=train.logging_steps,
         logging_first_step=True,
         save_strategy="steps",
@@ -77,6 +78,9 @@ def training_arguments(train: TrainSettings, checkpoint_dir: Path, **overrides) 
         deepspeed=train.deepspeed,
         dataloader_num_workers=train.dataloader_workers,
         report_to="none",
+        # Without use_cpu, torchrun on a CPU machine starts unlinked copies that all act as rank 0.
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_pin_memory=torch.cuda.is_available(),
         **_precision_flags(train.precision),
     )
     kwargs.update(overrides)

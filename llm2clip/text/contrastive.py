@@ -38,7 +38,8 @@ class ContrastiveConfig:
     split: str = "train"
     corpus: Path | None = Path("runs/world/corpus.txt")  # plain text for unsupervised pairs; null for none
     plain_text_ratio: float = 0.1  # share of training pairs that are plain sentences
-    include_long_captions: bool = True  # long captions join the short ones as positives
+    plain_text_max_words: int = 40  # longer corpus lines would pad whole batches to paragraph length
+    include_long_captions: bool = False  # long captions join the short ones as positives
     out_dir: Path = Path("runs/stage1/contrastive")
     pooling_mode: str = "mean"
     max_length: int = 160
@@ -107,7 +108,7 @@ def training_pairs(config: ContrastiveConfig) -> CaptionPairs:
         if not 0 < config.plain_text_ratio < 1:
             raise InputError(f"plain_text_ratio must be in [0, 1); got {config.plain_text_ratio}")
         wanted = round(len(groups) * config.plain_text_ratio / (1 - config.plain_text_ratio))
-        corpus = read_corpus(config.corpus)
+        corpus = [line for line in read_corpus(config.corpus) if len(line.split()) <= config.plain_text_max_words]
         sentences = random.Random(config.train.seed).sample(corpus, min(wanted, len(corpus)))
     return CaptionPairs(groups, sentences, seed=config.train.seed)
 

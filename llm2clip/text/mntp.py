@@ -46,7 +46,7 @@ class MNTPConfig:
     pooling_mode: str = "mean"  # written to the merged encoder's llm2vec_config.json
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainSettings = field(
-        default_factory=lambda: TrainSettings(max_steps=200, batch_size=16, learning_rate=5e-4, save_steps=50)
+        default_factory=lambda: TrainSettings(max_steps=100, batch_size=16, learning_rate=5e-4, save_steps=25)
     )
 
 
