@@ -40,8 +40,9 @@ GENERATION_ERROR = re.compile(r"Error (.*) in generating$", re.MULTILINE)
 
 @dataclass
 class EvalConfig:
-    models: list[str] = field(default_factory=lambda: ["runs/llava/export"])  # exported HF Llava directories
-    names: list[str] | None = None  # display names (default: the shortest path endings that tell them apart)
+    # exported HF Llava directories; the default pair is scripts/train_llava.sh run once per stage-2 tower
+    models: list[str] = field(default_factory=lambda: ["runs/llava/llm2clip/export", "runs/llava/clip/export"])
+    names: list[str] | None = None  # display names (default: from the paths, see display_names)
     tasks: list[str] = field(default_factory=lambda: [SYNTH_GROUP])  # synth_qa[_<type>] or lmms-eval task names
     world: Path = Path("runs/world")  # the synthetic world, for the synth_qa tasks
     split: str = "test"  # world split of the synth_qa questions: val | test
@@ -53,10 +54,14 @@ class EvalConfig:
 
 
 def display_names(config: EvalConfig) -> list[str]:
+    """The given names, or the shortest path endings that tell the models apart once the trailing
+    parts they share are dropped (runs/llava/llm2clip/export, runs/llava/clip/export: llm2clip, clip)."""
     if config.names is not None:
         return config.names
     parts = [Path(m).resolve().parts for m in config.models]
-    for n in range(1, max(len(p) for p in parts) + 1):
+    while len(parts) > 1 and min(map(len, parts)) > 1 and len({p[-1] for p in parts}) == 1:
+        parts = [p[:-1] for p in parts]
+    for n in range(1, max(map(len, parts)) + 1):
         names = ["/".join(p[-n:]) for p in parts]
         if len(set(names)) == len(names):
             return names

@@ -18,6 +18,7 @@ from transformers import (
     LlavaProcessor,
 )
 
+from llm2clip.config import load_config
 from llm2clip.data.synth import SHORT_ANSWER, SynthConfig, generate_world
 from llm2clip.errors import InputError
 from llm2clip.text.tokenizer_training import train_tokenizer
@@ -33,6 +34,8 @@ from mllm.evaluate import (
 )
 from mllm.lmms_tasks.utils import doc_to_text, doc_to_visual, exact_match, normalize, process_results
 from mllm.report import ModelRun, build_report, markdown, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # vicuna_v1 turns over lmms-eval's chat messages, whose content is a list of image and text items.
 CHAT_TEMPLATE = (
@@ -197,10 +200,14 @@ def test_missing_split_is_named(world, tmp_path):
 # ---------------------------------------------------------------- config checks
 
 
-def test_display_names_are_the_shortest_distinct_path_endings(tmp_path):
-    config = EvalConfig(models=[str(tmp_path / "llm2clip" / "export"), str(tmp_path / "clip" / "export")])
-    assert display_names(config) == ["llm2clip/export", "clip/export"]
+def test_display_names_tell_the_models_apart(tmp_path):
+    assert display_names(EvalConfig()) == ["llm2clip", "clip"]  # runs/llava/{llm2clip,clip}/export
+    config = EvalConfig(models=[str(tmp_path / "a" / "tower" / "export"), str(tmp_path / "b" / "tower" / "export")])
+    assert display_names(config) == ["a", "b"]
+    assert display_names(EvalConfig(models=[str(tmp_path / "export")])) == ["export"]
     assert display_names(EvalConfig(models=["a", "b"], names=["x", "y"])) == ["x", "y"]
+    with pytest.raises(InputError, match="given twice"):
+        display_names(EvalConfig(models=[str(tmp_path), str(tmp_path)]))
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -229,6 +236,10 @@ def test_bad_model_directories_are_named(llava, tmp_path):
         evaluate(EvalConfig(models=[str(llava) + ",dtype=x"], out_dir=tmp_path / "eval"))
     with pytest.raises(InputError, match="must differ"):
         evaluate(EvalConfig(models=[str(llava), str(llava)], names=["a b", "a/b"], out_dir=tmp_path / "eval"))
+
+
+def test_tiny_eval_yaml_lists_every_default():
+    assert load_config(EvalConfig, ROOT / "configs" / "tiny-llava-eval.yaml") == EvalConfig()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
