@@ -34,21 +34,9 @@ from mllm.evaluate import (
 )
 from mllm.lmms_tasks.utils import doc_to_text, doc_to_visual, exact_match, normalize, process_results
 from mllm.report import ModelRun, build_report, markdown, write_report
+from mllm.templates import chat_template, render
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# vicuna_v1 turns over lmms-eval's chat messages, whose content is a list of image and text items.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER: "
-    "{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<image>\n{% else %}{{ item['text'] }}{% endif %}"
-    "{% endfor %} "
-    "{% else %}ASSISTANT: {% for item in message['content'] %}{{ item['text'] }}{% endfor %}{{ eos_token }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
@@ -58,7 +46,7 @@ def world(tmp_path_factory) -> Path:
 
 
 def save_tiny_llava(world: Path, out: Path) -> Path:
-    """A random Llava with a 32 px CLIP tower and a 2-layer Llama, saved like an export."""
+    """A random Llava with a 32 px CLIP tower, a 2-layer Llama and the vicuna_v1 template, saved like an export."""
     torch.manual_seed(0)
     tokenizer = train_tokenizer((world / "corpus.txt").read_text().splitlines(), vocab_size=300, model_max_length=256)
     tokenizer.add_tokens(["<image>"], special_tokens=True)
@@ -74,7 +62,7 @@ def save_tiny_llava(world: Path, out: Path) -> Path:
     LlavaForConditionalGeneration(config).save_pretrained(out)
     images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
-                   num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE).save_pretrained(out)
+                   num_additional_image_tokens=1, chat_template=chat_template("vicuna_v1", tokenizer)).save_pretrained(out)
     return out
 
 
@@ -122,6 +110,23 @@ def test_prompt_is_the_finetuning_prompt(world):
     turns = [turn["value"].removeprefix("<image>\n") for sample in finetune for turn in sample["conversations"]
              if turn["from"] == "human" and turn["value"].endswith(SHORT_ANSWER)]
     assert turns and all(doc_to_text({"question": t.removesuffix(SHORT_ANSWER)}) == t for t in turns)
+
+
+def test_benchmark_prompt_is_the_finetuning_prompt_under_vicuna_v1(world):
+    """lmms-eval's chat llava_hf renders [image, text] parts with the exported processor's template; the
+    result must be the prompt the finetune trained on, up to the answer."""
+    tokenizer = train_tokenizer((world / "corpus.txt").read_text().splitlines(), vocab_size=300, model_max_length=256)
+    template = chat_template("vicuna_v1", tokenizer)
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor(), tokenizer=tokenizer, chat_template=template)
+    doc = json.loads((world / "llava" / "qa_test.jsonl").read_text().splitlines()[0])
+    trained = render(template, tokenizer, [{"role": "user", "content": "<image>\n" + doc["question"] + SHORT_ANSWER},
+                                           {"role": "assistant", "content": doc["answer"]}])
+    visuals = doc_to_visual({"image": str(world / doc["image"])})
+    messages = [{"role": "user", "content": [*({"type": "image", "url": v} for v in visuals),
+                                              {"type": "text", "text": doc_to_text(doc)}]}]
+    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert prompt == trained.text[: trained.targets[0][0]]
+    assert prompt.endswith("USER: <image>\n" + doc["question"] + SHORT_ANSWER + " ASSISTANT:")
 
 
 def test_doc_to_visual_opens_an_rgb_image(world):
