@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import random
 import re
 import shutil
@@ -37,6 +36,7 @@ from llm2clip.data.vocabulary import (
     short_captions,
 )
 from llm2clip.errors import InputError
+from llm2clip.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -317,23 +317,8 @@ def _corpus(train: list[dict], rng: random.Random) -> list[str]:
     return lines
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_text(path: Path, lines: list[str]) -> None:
-    _write_atomic(path, "".join(line + "\n" for line in lines).encode())
-
-
-def _write_json(path: Path, value: object, indent: int | None = None) -> None:
-    _write_atomic(path, (json.dumps(value, ensure_ascii=False, indent=indent) + "\n").encode())
+def _write_lines(path: Path, lines: list[str]) -> None:
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 def _world_files(out_dir: Path) -> list[Path]:
@@ -378,19 +363,19 @@ def generate_world(config: SynthConfig) -> dict:
         records[split] = []
         for index, picture in enumerate(tqdm(pictures, desc=f"synth {split}", unit="img", leave=False, disable=None)):
             png, boxes = draw(picture, config.image_size)
-            _write_atomic(out_dir / "images" / split / f"{_id(split, index)}.png", png)
+            atomic_write_bytes(out_dir / "images" / split / f"{_id(split, index)}.png", png)
             records[split].append(_record(picture, split, index, config, boxes))
-        _write_text(out_dir / f"{split}.jsonl", [json.dumps(r, ensure_ascii=False) for r in records[split]])
+        _write_lines(out_dir / f"{split}.jsonl", [json.dumps(r, ensure_ascii=False) for r in records[split]])
 
     rng = random.Random(f"{config.seed}/formats")
     train = records["train"]
     corpus = _corpus(train, rng)
-    _write_json(out_dir / "karpathy.json", _karpathy(records))
-    _write_json(out_dir / "llava" / "pretrain.json", _llava_pretrain(train, rng))
-    _write_json(out_dir / "llava" / "finetune.json", _llava_finetune(train, rng))
+    atomic_write_json(out_dir / "karpathy.json", _karpathy(records), indent=None)
+    atomic_write_json(out_dir / "llava" / "pretrain.json", _llava_pretrain(train, rng), indent=None)
+    atomic_write_json(out_dir / "llava" / "finetune.json", _llava_finetune(train, rng), indent=None)
     for split in ("val", "test"):
-        _write_text(out_dir / "llava" / f"qa_{split}.jsonl", _qa_lines(records[split]))
-    _write_text(out_dir / "corpus.txt", corpus)
+        _write_lines(out_dir / "llava" / f"qa_{split}.jsonl", _qa_lines(records[split]))
+    _write_lines(out_dir / "corpus.txt", corpus)
 
     long_words = [len(r["long_caption"].split()) for r in train]
     summary = {
@@ -401,7 +386,7 @@ def generate_world(config: SynthConfig) -> dict:
         "mean_long_caption_words": round(sum(long_words) / len(long_words), 1),
         "corpus_lines": len(corpus),
     }
-    _write_json(out_dir / "world.json", summary, indent=1)
+    atomic_write_json(out_dir / "world.json", summary, indent=1)
     counts = ", ".join(f"{split} {n}" for split, n in summary["counts"].items())
     print(f"synth: wrote {out_dir}: {counts} images ({config.image_size} px), "
           f"{sum(summary['twins'].values())} in twin pairs; mean long caption "

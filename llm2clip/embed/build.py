@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 
 from llm2clip.data.records import load_image_texts
 from llm2clip.embed.cache import (
-    FORMAT, KINDS, MANIFEST, EmbeddingCache, cache_files, caption_table, check_kinds, read_manifest, save_npy,
-    shard_done, shard_name, weight_hash, write_json, write_rows,
+    FORMAT, KINDS, MANIFEST, EmbeddingCache, cache_files, caption_table, check_kinds, read_manifest, shard_done,
+    shard_name, weight_hash, write_rows,
 )
 from llm2clip.errors import InputError
+from llm2clip.fileio import atomic_save_npy, atomic_write_json
 from llm2clip.text.pooling import POOLING_MODES
 
 
@@ -115,7 +116,7 @@ def _build(config: EmbedConfig) -> Path:
         "shards": [{"file": shard_name(s, key), "rows": n} for s, n in enumerate(sizes)],
     }
     if rank == 0:
-        write_json(out / MANIFEST, manifest)
+        atomic_write_json(out / MANIFEST, manifest)
     _barrier()
     pending = _unfinished(out, key, sizes, encoder.embedding_dim, config.dtype)
     _barrier()  # every rank has seen the same finished shards before any rank writes one
@@ -130,7 +131,7 @@ def _build(config: EmbedConfig) -> Path:
             if not np.isfinite(embeddings).all():
                 raise InputError(f"embed: the embeddings of shard {s} overflow {config.dtype}; "
                                  "rebuild with dtype=float32")
-            save_npy(out / shard_name(s, key), embeddings)
+            atomic_save_npy(out / shard_name(s, key), embeddings)
             bar.update(sizes[s])
     _barrier()
     seconds = time.perf_counter() - start
@@ -139,7 +140,7 @@ def _build(config: EmbedConfig) -> Path:
         if missing:
             raise InputError(f"embed: shard(s) {missing[:5]} of {out} are missing; rerun `llm2clip embed`")
         write_rows(out, table)
-        write_json(out / MANIFEST, {**manifest, "complete": True})
+        atomic_write_json(out / MANIFEST, {**manifest, "complete": True})
     encoded = sum(sizes[s] for s in pending)
     say(f"embed: encoded {encoded} of {len(table.texts)} rows in {seconds:.1f} s "
         f"({encoded / max(seconds, 1e-9):.1f} rows/s on {world} rank(s)); wrote {len(sizes)} shard(s) "

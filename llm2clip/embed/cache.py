@@ -18,15 +18,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
 from llm2clip.data.records import ImageText
 from llm2clip.errors import InputError
+from llm2clip.fileio import atomic_save_npy
 
 KINDS = ("short", "long", "translated")
 FORMAT = 1
@@ -150,30 +151,9 @@ def shard_done(path: Path, rows: int, dim: int, dtype: str) -> bool:
     return array.shape == (rows, dim) and array.dtype == np.dtype(dtype)
 
 
-def save_npy(path: Path, array: np.ndarray) -> None:
-    """np.save to a temporary file in the same directory, then an atomic rename."""
-    _write_atomic(path, lambda f: np.save(f, array, allow_pickle=False))
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    _write_atomic(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
-
-
-def _write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one writer per file and process
-    try:
-        with tmp.open("wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_rows(out_dir: Path, table: CaptionTable) -> None:
     for name, array in (("image", table.image), ("kind", table.kind), ("offsets", table.offsets)):
-        save_npy(out_dir / ROW_FILES[name], array)
+        atomic_save_npy(out_dir / ROW_FILES[name], array)
 
 
 def cache_files(out_dir: Path) -> list[Path]:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
+
+from llm2clip.fileio import atomic_write_json, atomic_write_text
 
 # Table columns per task: (metric key in report.json, column header). The JSON has R@5 and R@10 too.
 COLUMNS = {
@@ -46,22 +46,10 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_report(report: dict, out_dir: str | os.PathLike) -> str:
     """Write report.json and report.md under `out_dir` (each atomically) and return the markdown."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     table = markdown(report)
-    _write_atomic(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    _write_atomic(out_dir / "report.md", table)
+    atomic_write_json(out_dir / "report.json", report)
+    atomic_write_text(out_dir / "report.md", table)
     return table

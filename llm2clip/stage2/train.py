@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import tempfile
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -50,6 +47,7 @@ from llm2clip.config import config_to_dict
 from llm2clip.data.records import ImageText, load_image_texts
 from llm2clip.embed.cache import EmbeddingCache
 from llm2clip.errors import InputError
+from llm2clip.fileio import atomic_dir, atomic_write_json, replace_dir
 from llm2clip.losses import ClipLoss, SigLipLoss
 from llm2clip.stage2.data import (
     CacheRows,
@@ -265,7 +263,7 @@ def train_stage2(config: Stage2Config) -> dict:
         "text_encoder": cache.manifest["encoder"] if cache is not None else None,
         "config": config_to_dict(config),
     }
-    _write_json(out / "train_report.json", report)
+    atomic_write_json(out / "train_report.json", report)
     losses = f"{curve[0]['loss']:.4f} -> {curve[-1]['loss']:.4f}" if curve else "not logged"
     say(f"stage2: {report['steps']} steps ({steps} this run, {report['samples_per_s']} samples/s), loss {losses}, "
         f"logit scale {report['logit_scale']}; skipped {_counts(skips)}")
@@ -322,7 +320,8 @@ def _baseline_tokenizer(config: Stage2Config, captions, mix: CaptionMix, out: Pa
     texts = (text for caption_set in captions for kind in mix.kinds for text in caption_set.get(kind, ()))
     tokenizer = train_caption_tokenizer(texts, config.text.vocab_size, config.text.max_length)
     if save:
-        _write_dir(out / "tokenizer", tokenizer.save_pretrained)
+        with atomic_dir(out / "tokenizer") as tmp:
+            tokenizer.save_pretrained(tmp)
     return tokenizer
 
 
@@ -399,7 +398,7 @@ def _save_final(trainer: Stage2Trainer, final: Path, extras: list) -> None:
         (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle nobody needs
         for extra in extras:
             extra.save_pretrained(partial)
-        _swap(partial, final)
+        replace_dir(partial, final)
 
 
 def _export_tower(model_type: str, final: Path, processor: BaseImageProcessor, out_dir: Path) -> None:
@@ -411,39 +410,6 @@ def _export_tower(model_type: str, final: Path, processor: BaseImageProcessor, o
     clip = CLIPModel.from_pretrained(final)
     tower = CLIPVisionModel(clip.config.vision_config)
     tower.load_state_dict(clip.vision_model.state_dict())
-
-    def write(tmp: Path) -> None:
+    with atomic_dir(out_dir) as tmp:
         tower.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-
-    _write_dir(out_dir, write)
-
-
-def _write_dir(out_dir: Path, write: Callable[[Path], object]) -> None:
-    """Fill a temporary sibling directory with `write`, then swap it in for `out_dir`."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        write(tmp)
-        _swap(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _swap(src: Path, dst: Path) -> None:
-    """Rename `src` to `dst`; an existing `dst` is moved aside first and deleted after the swap."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=dst.parent))
-    os.replace(dst, old / dst.name)
-    os.replace(src, dst)
-    shutil.rmtree(old)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)

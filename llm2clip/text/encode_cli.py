@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from llm2clip.errors import InputError
+from llm2clip.fileio import atomic_save_npy
 
 
 @dataclass
@@ -42,19 +41,6 @@ def read_texts(path: Path | None) -> list[str]:
     return lines
 
 
-def save_npy(array: np.ndarray, path: Path) -> None:
-    """np.save through a temporary file in the same directory, then an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def encode_file(config: EncodeConfig) -> None:
     from llm2clip.text.encoder import LLMEncoder
 
@@ -70,6 +56,6 @@ def encode_file(config: EncodeConfig) -> None:
         device=config.device,
     )
     embeddings = encoder.encode(texts, instruction=config.instruction, batch_size=config.batch_size).numpy()
-    save_npy(embeddings.astype(np.float32), config.out)
+    atomic_save_npy(config.out, embeddings.astype(np.float32))
     print(f"encoded N={embeddings.shape[0]} texts into D={embeddings.shape[1]} dims ({encoder.pooling_mode} pooling)"
           f" -> {config.out}")
