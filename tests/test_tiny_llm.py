@@ -189,6 +189,7 @@ print(json.dumps({
     "bos": [tokenizer(t).input_ids for t in texts],
     "plain": [tokenizer(t, add_special_tokens=False).input_ids for t in texts],
     "eos": [tokenizer(t + " </s>").input_ids for t in texts],
+    "inputs": sorted(tokenizer(texts[0]).keys()),
     "specials": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id],
     "chat": tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True),
     "logits": logits[0].tolist(),
@@ -205,6 +206,7 @@ def test_loads_identically_under_transformers_4_44(built):
 
     ours, theirs = probe(sys.executable), probe(str(PARITY_PYTHON))
     assert theirs["eos"][0][-1] == theirs["specials"][1]
+    assert theirs["inputs"] == ["attention_mask", "input_ids"]  # no token_type_ids, which LlamaModel rejects
     for key in ("bos", "plain", "eos", "specials", "chat"):
         assert theirs[key] == ours[key], key
     assert torch.allclose(torch.tensor(theirs["logits"]), torch.tensor(ours["logits"]), atol=1e-5)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,7 +22,9 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
 
 from llm2clip.errors import InputError
+from llm2clip.fileio import atomic_dir
 from llm2clip.text import pooling
+from llm2clip.text.portability import make_config_portable, make_tokenizer_portable
 from llm2clip.text.prompts import apply_template, join_instruction, split_instruction, truncate_words
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
@@ -200,21 +200,16 @@ class LLMEncoder(nn.Module):
         out_dir = Path(out_dir)
         if out_dir.exists() and not out_dir.is_dir():
             raise InputError(f"{out_dir} exists and is not a directory")
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
         if merge and isinstance(self.model, PeftModel):
             self.model = self.model.merge_and_unload()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-        try:
+        with atomic_dir(out_dir) as tmp:
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
-            _make_transformers4_readable(tmp, self.model_name)
+            make_config_portable(tmp, self.model_name)
+            make_tokenizer_portable(tmp)
             settings = {"pooling_mode": self.pooling_mode, "max_length": self.max_length,
                         "doc_max_length": self.doc_max_length, "skip_instruction": self.skip_instruction}
             (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=4))
-            _replace_dir(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     def _join(self, texts: Sequence[str], instruction: str) -> tuple[list[str], int]:
         """Cut long texts and join each with the instruction; returns them and how many were cut."""
@@ -292,45 +287,3 @@ def _load_base(name: str | Path | None, dtype: torch.dtype, device: torch.device
         return AutoModel.from_pretrained(name, dtype=dtype, device_map=str(device), use_safetensors=True)
     except OSError as err:
         raise InputError(f"cannot load the model weights '{name}' (from {source}): {err}") from err
-
-
-def _make_transformers4_readable(folder: Path, model_name: str) -> None:
-    """Rewrite what transformers 5 saves so that transformers 4.44 (llm2vec's pin) reads it the same."""
-    config_path = folder / "config.json"
-    if config_path.is_file():
-        config = json.loads(config_path.read_text())
-        if model_name:
-            config["_name_or_path"] = model_name  # the prompt template key; transformers 5 drops it
-        rope = config.get("rope_parameters")
-        if isinstance(rope, dict) and "rope_theta" in rope:
-            config["rope_theta"] = rope["rope_theta"]
-            extra = {k: v for k, v in rope.items() if k != "rope_theta"}
-            config["rope_scaling"] = extra if extra.get("rope_type", "default") != "default" else None
-        config_path.write_text(json.dumps(config, indent=2))
-    tokenizer_config_path = folder / "tokenizer_config.json"
-    if tokenizer_config_path.is_file():
-        tokenizer_config = json.loads(tokenizer_config_path.read_text())
-        if tokenizer_config.get("tokenizer_class") == "TokenizersBackend":
-            tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
-        # Otherwise transformers 4 returns token_type_ids, which these decoder models reject.
-        tokenizer_config["model_input_names"] = ["input_ids", "attention_mask"]
-        tokenizer_config_path.write_text(json.dumps(tokenizer_config, indent=2))
-    tokenizer_path = folder / "tokenizer.json"
-    if tokenizer_path.is_file():
-        tokenizer = json.loads(tokenizer_path.read_text())
-        merges = tokenizer.get("model", {}).get("merges")
-        # tokenizers < 0.20 reads BPE merges only as "left right" strings.
-        if merges and all(isinstance(m, list) and not any(" " in part for part in m) for m in merges):
-            tokenizer["model"]["merges"] = [" ".join(m) for m in merges]
-            tokenizer_path.write_text(json.dumps(tokenizer, indent=2, ensure_ascii=False))
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move src to dst; an existing dst is swapped out first and deleted only afterwards."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=dst.parent))
-    os.replace(dst, old / dst.name)
-    os.replace(src, dst)
-    shutil.rmtree(old)

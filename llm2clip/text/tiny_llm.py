@@ -31,6 +31,8 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from llm2clip.config import config_to_dict
 from llm2clip.errors import InputError
+from llm2clip.fileio import atomic_dir, atomic_write_json
+from llm2clip.text.portability import make_config_portable
 from llm2clip.text.tokenizer_training import save_tokenizer, train_tokenizer
 from llm2clip.training import TrainSettings, training_arguments
 
@@ -204,7 +206,7 @@ def _claim_checkpoints(checkpoints: Path, fingerprint: dict[str, Any]) -> None:
             )
         return
     checkpoints.mkdir(parents=True, exist_ok=True)
-    _write_json(marker, fingerprint)
+    atomic_write_json(marker, fingerprint)
 
 
 def _split(lines: list[str], eval_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -220,14 +222,13 @@ def _tokenizer(path: Path, lines: list[str], config: TinyLLMConfig) -> PreTraine
     """Train once per run; a resumed run reuses the saved tokenizer so the ids cannot drift."""
     if not (path / "tokenizer.json").is_file():
         tokenizer = train_tokenizer(lines, config.vocab_size, config.max_position_embeddings)
-        tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=path.parent))
-        save_tokenizer(tokenizer, tmp)
-        os.replace(tmp, path)
+        with atomic_dir(path) as tmp:
+            save_tokenizer(tokenizer, tmp)
     return PreTrainedTokenizerFast.from_pretrained(path)
 
 
 def _llama_config(config: TinyLLMConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
-    llama = LlamaConfig(
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
@@ -241,8 +242,6 @@ def _llama_config(config: TinyLLMConfig, tokenizer: PreTrainedTokenizerFast) -> 
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    llama.rope_theta = config.rope_theta  # written to config.json too: transformers 4.x reads only this key
-    return llama
 
 
 def _pack(tokenizer: PreTrainedTokenizerFast, lines: list[str], seq_len: int) -> Dataset:
@@ -257,14 +256,9 @@ def _save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, report: d
     tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=out_dir))
     model.config.use_cache = True  # the Trainer turns it off for training
     model.save_pretrained(tmp)
+    make_config_portable(tmp)
     save_tokenizer(tokenizer, tmp)
-    _write_json(tmp / REPORT, report)
+    atomic_write_json(tmp / REPORT, report)
     for path in sorted(tmp.iterdir(), key=lambda p: p.name == REPORT):
         os.replace(path, out_dir / path.name)
     tmp.rmdir()
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)

@@ -6,12 +6,13 @@ saved so that transformers 4.44 (the llm2vec parity environment) loads it and to
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
+
+from llm2clip.text.portability import make_tokenizer_portable
 
 BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
 CHAT_TOKENS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
@@ -57,21 +58,7 @@ def train_tokenizer(lines: Iterable[str], vocab_size: int, model_max_length: int
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: str | Path) -> None:
-    """`save_pretrained`, then rewrite the two fields transformers 4.44 / tokenizers 0.19 cannot read."""
+    """`save_pretrained`, with the chat template inside tokenizer_config.json, in a form transformers 4.44 reads."""
     out_dir = Path(out_dir)
-    tokenizer.save_pretrained(out_dir, save_jinja_files=False)  # chat template inside tokenizer_config.json
-
-    # tokenizers >= 0.20 writes merges as pairs; the "a b" strings load everywhere (no token holds a space).
-    data_path = out_dir / "tokenizer.json"
-    data = json.loads(data_path.read_text(encoding="utf-8"))
-    data["model"]["merges"] = [" ".join(pair) if isinstance(pair, list) else pair for pair in data["model"]["merges"]]
-    data_path.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
-
-    # transformers 5 names its own class ("TokenizersBackend") and the extra specials differently.
-    config_path = out_dir / "tokenizer_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    config["additional_special_tokens"] = CHAT_TOKENS
-    for key in ("is_local", "local_files_only"):  # loading state that from_pretrained leaves behind
-        config.pop(key, None)
-    config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+    tokenizer.save_pretrained(out_dir, save_jinja_files=False)
+    make_tokenizer_portable(out_dir)
