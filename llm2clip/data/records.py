@@ -18,6 +18,7 @@ import os
 import re
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,17 +118,23 @@ def _read_json(path: Path) -> object:
         raise InputError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno} ({err.msg})") from None
 
 
-def _read_jsonl(path: Path, split: str | None, image_root: str | Path | None, skipped: Counter[str]) -> list[ImageText]:
-    root = _root(path, image_root)
-    records = []
+def read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) for each non-blank line of a JSON Lines file."""
     for lineno, line in enumerate(_read_text(path).split("\n"), 1):
         if not line.strip():
             continue
-        where = f"{path}:{lineno}"
         try:
-            entry = json.loads(line)
+            value = json.loads(line)
         except json.JSONDecodeError as err:
-            raise InputError(f"{where}: malformed JSON line ({err.msg})") from None
+            raise InputError(f"{path}:{lineno}: malformed JSON line ({err.msg})") from None
+        yield lineno, value
+
+
+def _read_jsonl(path: Path, split: str | None, image_root: str | Path | None, skipped: Counter[str]) -> list[ImageText]:
+    root = _root(path, image_root)
+    records = []
+    for lineno, entry in read_jsonl(path):
+        where = f"{path}:{lineno}"
         if not isinstance(entry, dict):
             raise InputError(f"{where}: expected a JSON object, got {type(entry).__name__}")
         if split and "split" in entry and _split_name(entry["split"]) != split:

@@ -9,13 +9,13 @@ scene's main object (`objects[0]`).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from llm2clip.data.records import read_jsonl
 from llm2clip.errors import InputError
 from llm2clip.eval.towers import ImageTextTower
 
@@ -81,14 +81,8 @@ def jsonl_entries(path: str | os.PathLike, split: str) -> list[tuple[Path, dict,
     else:
         raise InputError(f"{path}: expected a synthetic world directory or a .jsonl file of images with labels")
     entries = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for number, entry in read_jsonl(file):
         where = f"{file}:{number}"
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{where}: malformed JSON line ({err.msg})") from None
         if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
             raise InputError(f"{where}: expected a JSON object with an 'image' path")
         if "split" in entry and entry["split"] != split:
