@@ -12,35 +12,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaModel
 
 from llm2clip.cli import main
 from llm2clip.config import load_config
-from llm2clip.data.records import ImageText, load_image_texts, read_corpus
+from llm2clip.data.records import ImageText, load_image_texts
 from llm2clip.data.synth import SynthConfig, generate_world
 from llm2clip.embed import KINDS, EmbeddingCache, caption_hash, caption_table, weight_hash
 from llm2clip.embed.build import EmbedConfig, build_cache
 from llm2clip.errors import InputError
 from llm2clip.text.encoder import LLMEncoder
-from llm2clip.text.tokenizer_training import save_tokenizer, train_tokenizer
 
 SHARD = 64
 FP16_TOLERANCE = {"rtol": 2e-3, "atol": 2e-3}
-
-
-def save_encoder(out: Path, corpus: Path, seed: int) -> Path:
-    """A tiny random Llama encoder with a BPE tokenizer trained on the world's corpus."""
-    tokenizer = train_tokenizer(read_corpus(corpus), vocab_size=1000, model_max_length=256)
-    save_tokenizer(tokenizer, out)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    LlamaModel(config).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -48,16 +31,6 @@ def world(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("world")
     generate_world(SynthConfig(out_dir=out, n_train=30, n_val=4, n_test=4))
     return out
-
-
-@pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory, world) -> Path:
-    return save_encoder(tmp_path_factory.mktemp("encoder"), world / "corpus.txt", seed=0)
-
-
-@pytest.fixture(scope="module")
-def other_encoder_dir(tmp_path_factory, world) -> Path:
-    return save_encoder(tmp_path_factory.mktemp("other-encoder"), world / "corpus.txt", seed=1)
 
 
 def config(encoder_dir: Path, data: Path, out: Path, **overrides) -> EmbedConfig:

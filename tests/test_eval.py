@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoConfig, AutoModel, CLIPConfig, CLIPModel, PreTrainedTokenizerFast
+from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 
 from llm2clip import cli
 from llm2clip.clip import LLM2CLIPConfig, LLM2CLIPModel
@@ -203,7 +203,7 @@ def test_bad_labels_name_the_line(tmp_path, entry, message):
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level BPE over a few caption words that wraps texts in BOS ... EOS."""
+    """The tiny CLIP's tokenizer: byte-level BPE over a few caption words that wraps texts in BOS ... EOS."""
     rng = random.Random(0)
     words = "a the red blue green circle square triangle star left right of above below and small large".split()
     corpus = [" ".join(rng.choice(words) for _ in range(rng.randint(2, 10))) for _ in range(200)]
@@ -220,30 +220,24 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
-    """A tiny world with one corrupt test image, a tiny LLM encoder, and tiny LLM2CLIP and CLIP checkpoints."""
+def tiny(tmp_path_factory, encoder_dir) -> dict[str, Path]:
+    """A tiny world with one corrupt test image, the tiny LLM encoder, and tiny LLM2CLIP and CLIP checkpoints."""
     root = tmp_path_factory.mktemp("eval")
     generate_world(SynthConfig(out_dir=root / "world", n_train=2, n_val=1, n_test=8, image_size=32, max_objects=3))
     (root / "world" / "images" / "test" / "test-00003.png").write_bytes(b"not a png")
-    tokenizer = build_tokenizer()
     torch.manual_seed(0)
-    llm_config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
-                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    AutoModel.from_config(llm_config).save_pretrained(root / "llm")
-    tokenizer.save_pretrained(root / "llm")
     llm2clip = LLM2CLIPModel(LLM2CLIPConfig(vision_config=TINY_VISION, text_embed_dim=32, adapter_hidden_dim=32,
                                             adapter_depth=1, projection_dim=16,
-                                            text_encoder_name_or_path=str(root / "llm")))
+                                            text_encoder_name_or_path=str(encoder_dir)))
     llm2clip.save_pretrained(root / "llm2clip")
+    tokenizer = build_tokenizer()
     text_config = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                    "num_attention_heads": 4, "max_position_embeddings": 77, "bos_token_id": tokenizer.bos_token_id,
                    "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     clip = CLIPModel(CLIPConfig(text_config=text_config, vision_config=TINY_VISION, projection_dim=16))
     clip.save_pretrained(root / "clip")
     tokenizer.save_pretrained(root / "clip")
-    return {"root": root, "world": root / "world", "llm": root / "llm", "llm2clip": root / "llm2clip",
+    return {"root": root, "world": root / "world", "llm": encoder_dir, "llm2clip": root / "llm2clip",
             "clip": root / "clip"}
 
 

@@ -27,15 +27,12 @@ from transformers import (
     CLIPImageProcessor,
     CLIPModel,
     CLIPVisionModel,
-    LlamaConfig,
-    LlamaModel,
 )
 
 from llm2clip.cli import main
 from llm2clip.clip import LLM2CLIPConfig, LLM2CLIPModel
 from llm2clip.config import load_config
-from llm2clip.data.records import load_image_texts, read_corpus
-from llm2clip.data.synth import SynthConfig, generate_world
+from llm2clip.data.records import load_image_texts
 from llm2clip.embed.build import EmbedConfig, build_cache
 from llm2clip.embed.cache import EmbeddingCache
 from llm2clip.errors import InputError
@@ -54,7 +51,6 @@ from llm2clip.stage2.webdataset import (
     read_samples,
     sample_captions,
 )
-from llm2clip.text.tokenizer_training import save_tokenizer, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -76,36 +72,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def save_encoder(out: Path, corpus: Path, seed: int) -> Path:
-    """A tiny random Llama caption encoder with a BPE tokenizer trained on the world's corpus."""
-    tokenizer = train_tokenizer(read_corpus(corpus), vocab_size=600, model_max_length=128)
-    save_tokenizer(tokenizer, out)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    LlamaModel(config).save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("world")
-    generate_world(SynthConfig(out_dir=out, n_train=20, n_val=2, n_test=2, image_size=32))
-    return out
-
-
-@pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory, world) -> Path:
-    return save_encoder(tmp_path_factory.mktemp("encoder"), world / "corpus.txt", seed=0)
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory, world, encoder_dir) -> Path:
+def cache_dir(tmp_path_factory, small_world, encoder_dir) -> Path:
     out = tmp_path_factory.mktemp("cache") / "train"
-    build_cache(EmbedConfig(model=encoder_dir, data=world, out_dir=out, max_length=64, dtype="float32"))
+    build_cache(EmbedConfig(model=encoder_dir, data=small_world, out_dir=out, max_length=64, dtype="float32"))
     return out
 
 
@@ -177,12 +147,12 @@ def write_jsonl(world: Path, out: Path) -> Path:
 
 
 @pytest.mark.parametrize("layout", ["world", "jsonl", "karpathy", "sharegpt4v"])
-def test_every_record_format_feeds_a_batch(world, tmp_path, layout):
+def test_every_record_format_feeds_a_batch(small_world, tmp_path, layout):
     data = {
-        "world": lambda: world,
-        "jsonl": lambda: write_jsonl(world, tmp_path / "captions.jsonl"),
-        "karpathy": lambda: world / "karpathy.json",  # short captions only
-        "sharegpt4v": lambda: write_sharegpt(world, tmp_path / "sharegpt4v.json"),
+        "world": lambda: small_world,
+        "jsonl": lambda: write_jsonl(small_world, tmp_path / "captions.jsonl"),
+        "karpathy": lambda: small_world / "karpathy.json",  # short captions only
+        "sharegpt4v": lambda: write_sharegpt(small_world, tmp_path / "sharegpt4v.json"),
     }[layout]()
     records = load_image_texts(data, "train" if layout != "sharegpt4v" else None)
     mix = CaptionMix({"short": 0.5, "long": 0.5})
@@ -196,8 +166,8 @@ def test_every_record_format_feeds_a_batch(world, tmp_path, layout):
     assert (batch["input_ids"] == tokenizer.eos_token_id).any(dim=1).all()  # truncation keeps the end token
 
 
-def test_cache_rows_feed_embeddings(world, cache_dir):
-    records = load_image_texts(world, "train")
+def test_cache_rows_feed_embeddings(small_world, cache_dir):
+    records = load_image_texts(small_world, "train")
     cache = EmbeddingCache(cache_dir)
     dataset, _, _ = image_caption_dataset(records, CacheRows(cache), CaptionMix({"long": 1.0}))
     sample = dataset[3]
@@ -206,8 +176,8 @@ def test_cache_rows_feed_embeddings(world, cache_dir):
     assert batch["llm_embeddings"].shape == (3, cache.dim)
 
 
-def test_bad_images_and_captionless_images_are_counted_and_skipped(world, tmp_path):
-    records = load_image_texts(world, "train")[:5]
+def test_bad_images_and_captionless_images_are_counted_and_skipped(small_world, tmp_path):
+    records = load_image_texts(small_world, "train")[:5]
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(png_bytes((200, 0, 0))[:60])  # truncated PNG
     records[0].image = corrupt
@@ -261,8 +231,8 @@ def caption_is_key(key, captions):
     return {"short": [key]}
 
 
-def test_shards_split_across_ranks_and_workers_without_overlap(world, tmp_path):
-    keys = write_shards(world, tmp_path / "shards", count=5)
+def test_shards_split_across_ranks_and_workers_without_overlap(small_world, tmp_path):
+    keys = write_shards(small_world, tmp_path / "shards", count=5)
     shards = expand_shards(str(tmp_path / "shards"))
     mix = CaptionMix({"short": 1.0})
     seen, skipped = [], Counter()
@@ -281,8 +251,8 @@ def test_shards_split_across_ranks_and_workers_without_overlap(world, tmp_path):
     assert sorted(s["caption"] for s in loader) == sorted(set(keys) | {"txt-only"})
 
 
-def test_shard_samples_and_their_skips(world, tmp_path):
-    write_shards(world, tmp_path / "shards", count=1)
+def test_shard_samples_and_their_skips(small_world, tmp_path):
+    write_shards(small_world, tmp_path / "shards", count=1)
     (shard,) = expand_shards(str(tmp_path / "shards" / "part-{000..000}.tar"))
     samples = dict(read_samples(shard))
     assert sample_captions(samples["txt-only"]) == {
@@ -310,9 +280,9 @@ def test_expand_shards_forms_and_errors(tmp_path):
 
 # --- training runs -------------------------------------------------------------------------------
 
-def test_llm2clip_run_writes_outputs_and_resumes(world, cache_dir, encoder_dir, tmp_path, capsys):
+def test_llm2clip_run_writes_outputs_and_resumes(small_world, cache_dir, encoder_dir, tmp_path, capsys):
     out = tmp_path / "llm2clip"
-    train_stage2(tiny(world, cache_dir, encoder_dir, out))
+    train_stage2(tiny(small_world, cache_dir, encoder_dir, out))
     first = report(out)
     assert first["steps"] == 4 and first["samples_per_s"] > 0 and first["skipped"] == {}
     assert [e["step"] for e in first["loss_curve"]] == [1, 2, 3, 4]
@@ -330,19 +300,19 @@ def test_llm2clip_run_writes_outputs_and_resumes(world, cache_dir, encoder_dir, 
     assert not (out / "final" / "training_args.bin").exists()
 
     # A rerun with more steps resumes from the last checkpoint and extends the same loss curve.
-    train_stage2(tiny(world, cache_dir, encoder_dir, out, "train.max_steps=6"))
+    train_stage2(tiny(small_world, cache_dir, encoder_dir, out, "train.max_steps=6"))
     second = report(out)
     assert second["resumed_from_step"] == 4 and second["steps_this_run"] == 2 and second["steps"] == 6
     assert [e["step"] for e in second["loss_curve"]] == [1, 2, 3, 4, 5, 6]
     assert second["loss_curve"][:4] == first["loss_curve"]
 
 
-def test_clip_baseline_run(world, tmp_path, capsys):
-    records = load_image_texts(world, "train")
+def test_clip_baseline_run(small_world, tmp_path, capsys):
+    records = load_image_texts(small_world, "train")
     records[0].image.rename(records[0].image.with_suffix(".moved"))  # one missing image, counted and skipped
     try:
         out = tmp_path / "clip"
-        train_stage2(tiny(world, tmp_path / "no-cache", None, out, "model_type=clip"))
+        train_stage2(tiny(small_world, tmp_path / "no-cache", None, out, "model_type=clip"))
     finally:
         records[0].image.with_suffix(".moved").rename(records[0].image)
     result = report(out)
@@ -362,11 +332,11 @@ def test_clip_baseline_run(world, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("model_type", ["llm2clip", "clip"])
-def test_run_on_tar_shards(world, cache_dir, encoder_dir, tmp_path, model_type):
-    write_shards(world, tmp_path / "shards", count=2)
+def test_run_on_tar_shards(small_world, cache_dir, encoder_dir, tmp_path, model_type):
+    write_shards(small_world, tmp_path / "shards", count=2)
     out = tmp_path / "run"
-    train_stage2(tiny(world, cache_dir, encoder_dir, out, f"shards={tmp_path / 'shards'}", f"model_type={model_type}",
-                      "train.max_steps=2", "shuffle_buffer=4"))
+    train_stage2(tiny(small_world, cache_dir, encoder_dir, out, f"shards={tmp_path / 'shards'}",
+                      f"model_type={model_type}", "train.max_steps=2", "shuffle_buffer=4"))
     result = report(out)
     assert result["steps"] == 2 and result["images"] is None
     # llm2clip also skips bad-json and txt-only: they are not records of the cache's dataset
@@ -376,11 +346,11 @@ def test_run_on_tar_shards(world, cache_dir, encoder_dir, tmp_path, model_type):
 
 
 @pytest.mark.slow
-def test_two_ranks_split_the_shards(world, cache_dir, encoder_dir, tmp_path):
-    write_shards(world, tmp_path / "shards", count=4)
+def test_two_ranks_split_the_shards(small_world, cache_dir, encoder_dir, tmp_path):
+    write_shards(small_world, tmp_path / "shards", count=4)
     out = tmp_path / "ranks"
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "llm2clip.cli", "stage2",
-            "--data", str(world), "--cache", str(cache_dir), "--encoder", str(encoder_dir), "--out", str(out),
+            "--data", str(small_world), "--cache", str(cache_dir), "--encoder", str(encoder_dir), "--out", str(out),
             "--shards", str(tmp_path / "shards"), *TINY, "train.max_steps=3", "shuffle_buffer=4"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     subprocess.run(args, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
@@ -403,27 +373,26 @@ def test_logit_scale_is_clamped_after_each_step():
 
 # --- bad input -----------------------------------------------------------------------------------
 
-def test_cache_of_another_encoder(world, cache_dir, tmp_path):
-    other = save_encoder(tmp_path / "other", world / "corpus.txt", seed=1)
+def test_cache_of_another_encoder(small_world, cache_dir, other_encoder_dir, tmp_path):
     with pytest.raises(InputError, match="built with another encoder"):
-        train_stage2(tiny(world, cache_dir, other, tmp_path / "out"))
+        train_stage2(tiny(small_world, cache_dir, other_encoder_dir, tmp_path / "out"))
 
 
-def test_cache_of_another_dataset(world, cache_dir, encoder_dir, tmp_path):
+def test_cache_of_another_dataset(small_world, cache_dir, encoder_dir, tmp_path):
     with pytest.raises(InputError, match="built for another dataset"):
-        train_stage2(tiny(world, cache_dir, encoder_dir, tmp_path / "out", "max_images=10"))
+        train_stage2(tiny(small_world, cache_dir, encoder_dir, tmp_path / "out", "max_images=10"))
 
 
-def test_adapter_dim_that_does_not_match_the_cache(world, cache_dir, encoder_dir, tmp_path):
+def test_adapter_dim_that_does_not_match_the_cache(small_world, cache_dir, encoder_dir, tmp_path):
     with pytest.raises(InputError, match="adapter.input_dim is 99 but .* holds 32-dim embeddings"):
-        train_stage2(tiny(world, cache_dir, encoder_dir, tmp_path / "out", "adapter.input_dim=99"))
+        train_stage2(tiny(small_world, cache_dir, encoder_dir, tmp_path / "out", "adapter.input_dim=99"))
 
 
-def test_caption_kind_the_cache_lacks(world, encoder_dir, tmp_path):
+def test_caption_kind_the_cache_lacks(small_world, encoder_dir, tmp_path):
     short_only = tmp_path / "short-cache"
-    build_cache(EmbedConfig(model=encoder_dir, data=world, out_dir=short_only, kinds=["short"], max_length=64))
+    build_cache(EmbedConfig(model=encoder_dir, data=small_world, out_dir=short_only, kinds=["short"], max_length=64))
     with pytest.raises(InputError, match="caption_mix draws long captions but cache .* holds only short"):
-        train_stage2(tiny(world, short_only, encoder_dir, tmp_path / "out"))
+        train_stage2(tiny(small_world, short_only, encoder_dir, tmp_path / "out"))
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -433,14 +402,14 @@ def test_caption_kind_the_cache_lacks(world, encoder_dir, tmp_path):
     (["caption_mix={{short: 1, klingon: 1}}"], "unknown kind"),
     (["shards={tmp}/none-*.tar"], "matches no tar file"),
 ])
-def test_bad_settings(world, cache_dir, encoder_dir, tmp_path, overrides, message):
-    config = tiny(world, cache_dir, encoder_dir, tmp_path / "out", *(o.format(tmp=tmp_path) for o in overrides))
+def test_bad_settings(small_world, cache_dir, encoder_dir, tmp_path, overrides, message):
+    config = tiny(small_world, cache_dir, encoder_dir, tmp_path / "out", *(o.format(tmp=tmp_path) for o in overrides))
     with pytest.raises(InputError, match=message):
         train_stage2(config)
 
 
-def test_cli_prints_one_line_errors(world, cache_dir, tmp_path, capsys):
-    args = ["stage2", "--data", str(world), "--cache", str(cache_dir), "--encoder", str(tmp_path / "gone"),
+def test_cli_prints_one_line_errors(small_world, cache_dir, tmp_path, capsys):
+    args = ["stage2", "--data", str(small_world), "--cache", str(cache_dir), "--encoder", str(tmp_path / "gone"),
             "--out", str(tmp_path / "out")]
     assert main(args) == 1
     error = capsys.readouterr().err.strip()
@@ -451,7 +420,7 @@ def test_configs():
     configs = ROOT / "configs"
     assert load_config(Stage2Config, configs / "tiny-stage2.yaml") == Stage2Config()
     baseline = load_config(Stage2Config, configs / "tiny-stage2-baseline.yaml")
-    assert baseline == Stage2Config(model_type="clip", out_dir=Path("runs/stage2/clip-baseline"))
+    assert baseline == Stage2Config(model_type="clip", out_dir=Path("runs/stage2/clip"))
     real = load_config(Stage2Config, configs / "clip-l14-336-stage2.yaml")
     assert real.adapter.input_dim == 4096 and real.vision.pretrained is not None and real.train.deepspeed
 
@@ -459,9 +428,9 @@ def test_configs():
 # --- a kill -9 mid-run ---------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_sigkill_then_rerun_continues_the_loss_curve(world, cache_dir, encoder_dir, tmp_path):
+def test_sigkill_then_rerun_continues_the_loss_curve(small_world, cache_dir, encoder_dir, tmp_path):
     out = tmp_path / "killed"
-    args = [sys.executable, "-m", "llm2clip.cli", "stage2", "--data", str(world), "--cache", str(cache_dir),
+    args = [sys.executable, "-m", "llm2clip.cli", "stage2", "--data", str(small_world), "--cache", str(cache_dir),
             "--encoder", str(encoder_dir), "--out", str(out), *TINY, "train.max_steps=40", "train.save_steps=5"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

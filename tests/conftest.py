@@ -1,0 +1,46 @@
+"""Fixtures that several test files share, each built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaModel
+
+from llm2clip.data.records import read_corpus
+from llm2clip.data.synth import SynthConfig, generate_world
+from llm2clip.text.tokenizer_training import save_tokenizer, train_tokenizer
+
+
+def _save_encoder(out: Path, corpus: Path, seed: int) -> Path:
+    """A tiny random Llama caption encoder (32-dim) with a BPE tokenizer trained on `corpus`."""
+    tokenizer = train_tokenizer(read_corpus(corpus), vocab_size=1000, model_max_length=256)
+    save_tokenizer(tokenizer, out)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    LlamaModel(config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory) -> Path:
+    """A synthetic world of 20 train, 2 val and 2 test images of 32 px."""
+    out = tmp_path_factory.mktemp("small-world")
+    generate_world(SynthConfig(out_dir=out, n_train=20, n_val=2, n_test=2, image_size=32))
+    return out
+
+
+@pytest.fixture(scope="session")
+def encoder_dir(tmp_path_factory, small_world) -> Path:
+    return _save_encoder(tmp_path_factory.mktemp("encoder"), small_world / "corpus.txt", seed=0)
+
+
+@pytest.fixture(scope="session")
+def other_encoder_dir(tmp_path_factory, small_world) -> Path:
+    """Another encoder: the same tokenizer, other random weights."""
+    return _save_encoder(tmp_path_factory.mktemp("other-encoder"), small_world / "corpus.txt", seed=1)
