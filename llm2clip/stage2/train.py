@@ -181,9 +181,7 @@ def train_stage2(config: Stage2Config) -> dict:
     out = Path(config.out_dir)
     checkpoint_dir = out / "checkpoints"
     args = training_arguments(config.train, checkpoint_dir, remove_unused_columns=False, dataloader_drop_last=True,
-                              use_cpu=not torch.cuda.is_available(),  # else torchrun on CPU runs unlinked copies
-                              dataloader_pin_memory=torch.cuda.is_available(), ddp_find_unused_parameters=False,
-                              activation_checkpointing_kwargs={"use_reentrant": False})
+                              ddp_find_unused_parameters=False)
     resume_from = resume_checkpoint(config.train, checkpoint_dir)
     main = args.process_index == 0
     say = print if main else lambda *a, **k: None

@@ -12,7 +12,6 @@ Outputs under `out_dir`:
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from transformers import Trainer
 from llm2clip.config import config_to_dict
 from llm2clip.data.records import load_image_texts, read_corpus
 from llm2clip.errors import InputError
+from llm2clip.fileio import atomic_write_json
 from llm2clip.losses import CaptionContrastiveLoss
 from llm2clip.text.encoder import LLMEncoder
 from llm2clip.text.mntp import lora_config
@@ -147,6 +147,6 @@ def train_contrastive(config: ContrastiveConfig) -> None:
         "last_loss": losses[-1] if losses else None,
         "train_runtime_s": result.metrics.get("train_runtime"),
     }
-    (config.out_dir / "contrastive_report.json").write_text(json.dumps(report, indent=2))
+    atomic_write_json(config.out_dir / "contrastive_report.json", report)
     print(f"caption contrastive: {report['steps']} steps, loss {report['first_loss']} -> {report['last_loss']}")
     print(f"wrote {config.out_dir / 'adapter'} and {config.out_dir / 'merged'}")

@@ -8,7 +8,6 @@ A bag-of-words baseline is reported next to each model: the trivial solution to 
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 
 from llm2clip.data.records import load_image_texts
 from llm2clip.errors import InputError
+from llm2clip.fileio import atomic_write_json
 
 
 @dataclass
@@ -89,7 +89,6 @@ def report_cra(config: CRAConfig) -> dict:
     for name, value in rows.items():
         print(f"  {name:<{width}}  {100 * value:6.2f}%")
     if config.out is not None:
-        config.out.parent.mkdir(parents=True, exist_ok=True)
-        config.out.write_text(json.dumps(report, indent=2))
+        atomic_write_json(config.out, report)
     return report
 

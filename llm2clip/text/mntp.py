@@ -12,7 +12,6 @@ Outputs under `out_dir`:
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from llm2clip.config import config_to_dict
 from llm2clip.data.records import read_corpus
 from llm2clip.errors import InputError
+from llm2clip.fileio import atomic_write_json
 from llm2clip.text.encoder import LLMEncoder, check_supported_model_dir
 from llm2clip.training import LoraSettings, TrainSettings, resume_checkpoint, training_arguments
 
@@ -156,6 +156,6 @@ def train_mntp(config: MNTPConfig) -> None:
         "last_loss": losses[-1] if losses else None,
         "train_runtime_s": result.metrics.get("train_runtime"),
     }
-    (config.out_dir / "mntp_report.json").write_text(json.dumps(report, indent=2))
+    atomic_write_json(config.out_dir / "mntp_report.json", report)
     print(f"MNTP: {report['steps']} steps, loss {report['first_loss']} -> {report['last_loss']}")
     print(f"wrote {config.out_dir / 'adapter'} and {config.out_dir / 'merged'}")
