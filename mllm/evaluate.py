@@ -25,6 +25,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from llm2clip.errors import InputError
+from llm2clip.fileio import atomic_dir
 from mllm.report import ModelRun, build_report, write_report
 
 SYNTH_GROUP = "synth_qa"
@@ -141,28 +142,27 @@ def _read_questions(qa_file: Path, world: Path) -> dict[str, list[dict]]:
             image = (world / row["image"]).resolve()
             question = {"image": str(image), "question": row["question"], "answer": row["answer"], "type": row["type"]}
         except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise InputError(f"{qa_file} line {n}: need a JSON object with image, question, answer and type ({err})") from None
+            raise InputError(f"{qa_file} line {n}: need a JSON object with image, question, answer and type "
+                             f"({err})") from None
         if not image.is_file():
             raise InputError(f"{qa_file} line {n}: image {image} not found")
         by_type.setdefault(question["type"], []).append(question)
     missing = [t for t in SYNTH_TYPES if t not in by_type]
     if missing:
-        raise InputError(f"{qa_file} has no {', '.join(missing)} questions; synth_qa needs every type: {', '.join(SYNTH_TYPES)}")
+        raise InputError(f"{qa_file} has no {', '.join(missing)} questions; synth_qa needs every type: "
+                         f"{', '.join(SYNTH_TYPES)}")
     return by_type
 
 
 def write_synth_tasks(world: Path, split: str, out: Path) -> Path:
     """Copy the task YAMLs to `out` with the world's questions beside them; return `out`."""
     by_type = _read_questions(world / "llava" / f"qa_{split}.jsonl", world)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(TASK_DIR, tmp, ignore=shutil.ignore_patterns("__pycache__"))
-    (tmp / "data").mkdir()
-    for qa_type in SYNTH_TYPES:
-        lines = [json.dumps(q, ensure_ascii=False) + "\n" for q in by_type[qa_type]]
-        (tmp / "data" / f"{qa_type}.jsonl").write_text("".join(lines), encoding="utf-8")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        shutil.copytree(TASK_DIR, tmp, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+        (tmp / "data").mkdir()
+        for qa_type in SYNTH_TYPES:
+            lines = [json.dumps(q, ensure_ascii=False) + "\n" for q in by_type[qa_type]]
+            (tmp / "data" / f"{qa_type}.jsonl").write_text("".join(lines), encoding="utf-8")
     return out
 
 

@@ -6,11 +6,11 @@ the task; a task with several (MME, POPE) gets one column per metric, named "tas
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from llm2clip.fileio import atomic_write_json, atomic_write_text
 
 
 @dataclass
@@ -54,7 +54,8 @@ def build_report(runs: list[ModelRun], lmms_eval_version: str, settings: dict) -
     for run, table in zip(runs, per_model):
         scores = {col: table[task][metric] for col, (task, metric) in columns.items() if metric in table.get(task, {})}
         samples = {task: n["effective"] for task, n in run.results.get("n-samples", {}).items()}
-        models.append({"name": run.name, "path": run.path, "scores": scores, "samples": samples, "command": run.command})
+        models.append({"name": run.name, "path": run.path, "scores": scores, "samples": samples,
+                       "command": run.command})
     return {"lmms_eval_version": lmms_eval_version, **settings, "columns": list(columns), "models": models}
 
 
@@ -92,22 +93,10 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_report(report: dict, out_dir: str | os.PathLike) -> str:
     """Write report.json and report.md under `out_dir` (each atomically) and return the markdown."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     text = markdown(report)
-    _write_atomic(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    _write_atomic(out_dir / "report.md", text)
+    atomic_write_json(out_dir / "report.json", report)
+    atomic_write_text(out_dir / "report.md", text)
     return text

@@ -61,8 +61,10 @@ def save_tiny_llava(world: Path, out: Path) -> Path:
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
     LlavaForConditionalGeneration(config).save_pretrained(out)
     images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
-                   num_additional_image_tokens=1, chat_template=chat_template("vicuna_v1", tokenizer)).save_pretrained(out)
+    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=chat_template("vicuna_v1", tokenizer))
+    processor.save_pretrained(out)
     return out
 
 
@@ -275,7 +277,8 @@ def test_a_failed_run_names_the_model_and_lmms_evals_reason(tmp_path):
 
 
 def test_swallowed_generation_errors_fail_the_run(tmp_path):
-    output = "ERROR | lmms_eval.models.chat.llava_hf:generate_until:108 - Error Image features and image tokens do not match in generating\n"
+    output = ("ERROR | lmms_eval.models.chat.llava_hf:generate_until:108 - "
+              "Error Image features and image tokens do not match in generating\n")
     command = _fake_lmms_eval(tmp_path, output, write_results=True)
     with pytest.raises(InputError, match="could not generate an answer for 1 sample"):
         run_model("tower", "some/dir", command, {}, tmp_path / "run")
@@ -295,13 +298,14 @@ def _results(color: float, pope: float) -> dict:
             "pope": {"alias": "pope", "pope_accuracy,none": pope, "pope_f1_score,none": pope - 0.1},
             "mme": {"mme_cognition_score,none": 250.0, "mme_percetion_score,none": 1200.5},
         },
-        "n-samples": {"synth_qa_color": {"original": 12, "effective": 4}, "synth_qa_count": {"original": 12, "effective": 4}},
+        "n-samples": {task: {"original": 12, "effective": 4} for task in ("synth_qa_color", "synth_qa_count")},
     }
 
 
 def test_report_puts_models_side_by_side(tmp_path):
-    runs = [ModelRun("llm2clip", "runs/a", "python -m lmms_eval --model llava_hf --tasks synth_qa", _results(0.75, 0.8)),
-            ModelRun("clip", "runs/b", "python -m lmms_eval --model llava_hf --tasks synth_qa", _results(0.25, 0.6))]
+    command = "python -m lmms_eval --model llava_hf --tasks synth_qa"
+    runs = [ModelRun("llm2clip", "runs/a", command, _results(0.75, 0.8)),
+            ModelRun("clip", "runs/b", command, _results(0.25, 0.6))]
     del runs[1].results["results"]["mme"]
     settings = {"lmms_eval_model": "llava_hf", "tasks": ["synth_qa", "pope", "mme"], "limit": 4,
                 "world": "runs/world", "split": "test", "device": "cpu", "dtype": "float32"}
@@ -319,7 +323,7 @@ def test_report_puts_models_side_by_side(tmp_path):
     assert "lmms-eval 0.7.3" in text and "first 4 samples of each task" in text
     assert "| llm2clip | 0.625 | 0.750 | 0.500 | 0.800 | 0.700 | 250.0 | 1200.5 |" in text
     assert "| clip | 0.375 | 0.250 | 0.500 | 0.600 | 0.500 | - | - |" in text
-    assert text.count("python -m lmms_eval --model llava_hf --tasks synth_qa") == 2
+    assert text.count(command) == 2
 
 
 # ---------------------------------------------------------------- lmms-eval end to end
@@ -336,7 +340,8 @@ def test_lmms_eval_on_ten_synthetic_samples(llava, world, tmp_path, monkeypatch)
     assert model["samples"] == {f"synth_qa_{t}": 2 for t in SYNTH_TYPES}  # 10 samples in all
     assert all(0.0 <= score <= 1.0 for score in model["scores"].values())
     assert "--model llava_hf" in model["command"] and "--limit 2" in model["command"]
-    assert f"--include_path {out / 'lmms_tasks'}" in model["command"] and model["command"].startswith("HF_HUB_OFFLINE=1")
+    assert model["command"].startswith("HF_HUB_OFFLINE=1")
+    assert f"--include_path {out / 'lmms_tasks'}" in model["command"]
     assert (out / "report.md").read_text().count("| tiny |") == 1
     # lmms-eval's own outputs: results, and each sample with the finetuning prompt and a generated answer.
     (samples,) = (out / "tiny").glob("*/*_samples_synth_qa_color.jsonl")
