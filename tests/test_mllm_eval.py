@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -348,3 +351,64 @@ def test_lmms_eval_on_ten_synthetic_samples(llava, world, tmp_path, monkeypatch)
     rows = [json.loads(line) for line in samples.read_text().splitlines()]
     assert len(rows) == 2 and all(r["input"].endswith(SHORT_ANSWER) for r in rows)
     assert all(r["filtered_resps"] for r in rows)  # a random model still says something
+
+
+# ---------------------------------------------------------------- scripts/train_llava.sh, its control flow
+
+
+def _stub_venv(tmp_path: Path) -> Path:
+    """A venv whose python and torchrun log their arguments and fail on the word in $STUB_FAIL."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True, exist_ok=True)
+    for tool in ("python", "torchrun"):
+        stub = venv / "bin" / tool
+        stub.write_text(f'#!/usr/bin/env bash\necho "{tool} $*" >> "$STUB_LOG"\n'
+                        'if [ -n "${STUB_FAIL:-}" ] && [[ " $* " == *" $STUB_FAIL "* ]]; then exit 3; fi\n')
+        stub.chmod(0o755)
+    # What scripts/setup_env.sh checks before it leaves an environment as it is.
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    (venv / ".llm2clip-installed").write_text(digest + "\n")
+    return venv
+
+
+def _train_llava(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    log = tmp_path / "calls.log"
+    log.unlink(missing_ok=True)
+    base = {"PATH": os.environ["PATH"], "LLM2CLIP_VENV": str(_stub_venv(tmp_path)), "STUB_LOG": str(log)}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "train_llava.sh")], env={**base, **env},
+                          capture_output=True, text=True, timeout=60)
+    calls = [line for line in log.read_text().splitlines() if "mllm.cli" in line]
+    return done, calls
+
+
+def test_train_llava_runs_the_four_steps_in_order_with_the_environment(tmp_path):
+    done, calls = _train_llava(tmp_path, VISION_TOWER="t", LLM="l", DATA="w", OUT="o/llm2clip",
+                               FINETUNE_CONFIG="ft.yaml")
+    assert done.returncode == 0, done.stderr
+    assert [call.split()[3] for call in calls] == ["pretrain", "finetune", "export", "eval"]
+    assert all(call.startswith("python -m mllm.cli") for call in calls)
+    assert "--vision-tower t --llm l --data w/llava/pretrain.json --image-folder w" in calls[0]
+    assert "--out o/llm2clip/pretrain" in calls[0]
+    assert "finetune --config ft.yaml --model o/llm2clip/pretrain/final --data w/llava/finetune.json" in calls[1]
+    assert "export --model o/llm2clip/finetune/final --out o/llm2clip/export" in calls[2]
+    assert "eval --models o/llm2clip/export --names llm2clip --world w --out o/llm2clip/eval" in calls[3]
+    assert "report in o/llm2clip/eval/report.md" in done.stdout
+
+
+def test_train_llava_defaults_and_torchrun(tmp_path):
+    done, calls = _train_llava(tmp_path, NPROC="2")
+    assert done.returncode == 0, done.stderr
+    assert calls[0].startswith("torchrun --standalone --nproc_per_node 2 -m mllm.cli pretrain")
+    assert "--vision-tower runs/stage2/llm2clip/vision_tower --llm runs/tiny-llm --data runs/world/" in calls[0]
+    assert calls[1].startswith("torchrun --standalone --nproc_per_node 2 -m mllm.cli finetune")
+    assert calls[2].startswith("python -m mllm.cli export") and calls[3].startswith("python -m mllm.cli eval")
+    assert "--out runs/llava/eval" in calls[3]
+
+
+def test_train_llava_stops_at_the_first_failure_and_names_it(tmp_path):
+    done, calls = _train_llava(tmp_path, STUB_FAIL="finetune")
+    assert done.returncode == 1
+    assert [call.split()[3] for call in calls] == ["pretrain", "finetune"]
+    assert "step 'finetune (instructions)' failed (exit 3)" in done.stderr
+    done, calls = _train_llava(tmp_path, NPROC="two")
+    assert done.returncode == 1 and "NPROC must be a positive integer" in done.stderr and not calls
