@@ -1,0 +1,210 @@
+"""Stage 1: MNTP masking and loss, caption-contrastive pairs and training, CRA."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from llm2clip.errors import InputError
+from llm2clip.text.contrastive import CaptionPairs, ContrastiveConfig, train_contrastive
+from llm2clip.text.cra import CRAConfig, bag_of_words_cra, caption_retrieval_accuracy, report_cra
+from llm2clip.text.encoder import LLMEncoder
+from llm2clip.text.mntp import MaskedNextTokenCollator, MNTPConfig, corpus_blocks, mask_token_id, train_mntp
+from llm2clip.training import TrainSettings
+
+
+@pytest.fixture(scope="module")
+def causal_lm_dir(tmp_path_factory, encoder_dir) -> Path:
+    """A tiny random Llama with an LM head, sharing the session encoder's tokenizer."""
+    out = tmp_path_factory.mktemp("causal-lm")
+    tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
+    tokenizer.save_pretrained(out)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def tiny_train(**overrides) -> TrainSettings:
+    settings = dict(max_steps=2, batch_size=4, learning_rate=1e-3, logging_steps=1, save_steps=2, warmup_ratio=0.0)
+    settings.update(overrides)
+    return TrainSettings(**settings)
+
+
+# --- MNTP ---------------------------------------------------------------------------------------
+
+
+def test_collator_masks_only_ordinary_tokens_and_keeps_labels_there():
+    torch.manual_seed(0)
+    bos, mask = 1, 7
+    ids = [[bos] + list(range(10, 60)) for _ in range(8)]
+    batch = MaskedNextTokenCollator(mask_token_id=mask, mask_ratio=0.3, special_token_ids=[0, bos, 2])(
+        [{"input_ids": row} for row in ids]
+    )
+    original = torch.tensor(ids)
+    masked = batch["labels"] != -100
+    assert not masked[:, 0].any(), "BOS must never be masked"
+    assert torch.equal(batch["labels"][masked], original[masked])
+    assert (batch["input_ids"][masked] == mask).all()
+    assert torch.equal(batch["input_ids"][~masked], original[~masked])
+    assert 0.2 < masked[:, 1:].float().mean() < 0.4
+
+
+def test_mntp_loss_predicts_each_masked_token_from_the_position_before(causal_lm_dir):
+    model = LlamaForCausalLM.from_pretrained(causal_lm_dir).eval()
+    model.config.is_causal = False
+    ids = torch.tensor([[1, 20, 21, 22, 23, 24, 25]])
+    labels = torch.full_like(ids, -100)
+    labels[0, 3], labels[0, 5] = 22, 24
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=labels)
+    log_probs = out.logits[0].log_softmax(-1)
+    expected = -(log_probs[2, 22] + log_probs[4, 24]) / 2
+    assert torch.allclose(out.loss, expected, atol=1e-5)
+
+
+def test_mntp_attention_is_bidirectional(causal_lm_dir):
+    model = LlamaForCausalLM.from_pretrained(causal_lm_dir).eval()
+    model.config.is_causal = False
+    ids = torch.tensor([[1, 20, 21, 22, 23]])
+    changed = ids.clone()
+    changed[0, -1] = 30
+    with torch.no_grad():
+        first = model(input_ids=ids).logits[0, 0]
+        second = model(input_ids=changed).logits[0, 0]
+    assert (first - second).abs().max() > 1e-4
+
+
+def test_mask_token_choices(encoder_dir):
+    tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
+    assert mask_token_id(tokenizer, "eos") == tokenizer.eos_token_id
+    blank = mask_token_id(tokenizer, "blank")
+    assert tokenizer.decode([blank]) == "_"
+    with pytest.raises(InputError, match="mask_token must be one of"):
+        mask_token_id(tokenizer, "unknown")
+
+
+def test_corpus_blocks_pack_to_full_blocks_and_refuse_a_tiny_corpus(encoder_dir):
+    tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
+    blocks = corpus_blocks(tokenizer, ["a red circle above a blue square"] * 40, block_size=16)
+    assert len(blocks) > 5 and all(len(row) == 16 for row in blocks["input_ids"])
+    with pytest.raises(InputError, match="fewer than 512 tokens"):
+        corpus_blocks(tokenizer, ["a red circle"], block_size=512)
+
+
+def test_train_mntp_writes_llm2vec_layout_and_resumes(tmp_path, causal_lm_dir, small_world):
+    out = tmp_path / "mntp"
+    config = MNTPConfig(model=causal_lm_dir, corpus=small_world / "corpus.txt", out_dir=out, max_seq_length=32,
+                        train=tiny_train())
+    train_mntp(config)
+    for name in ("adapter/adapter_config.json", "adapter/llm2vec_config.json", "merged/config.json",
+                 "merged/model.safetensors", "merged/llm2vec_config.json", "mntp_report.json"):
+        assert (out / name).is_file(), name
+    assert "is_causal" not in json.loads((out / "merged" / "config.json").read_text())
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(causal_lm_dir.resolve())
+
+    # base + adapter (llm2vec's way of loading an MNTP model) equals the merged encoder
+    texts = ["a crimson circle left of a blue box", "a small green star"]
+    merged = LLMEncoder.from_pretrained(out / "merged").encode(texts, show_progress=False)
+    stacked = LLMEncoder.from_pretrained(causal_lm_dir, adapters=[out / "adapter"]).encode(texts, show_progress=False)
+    base = LLMEncoder.from_pretrained(causal_lm_dir).encode(texts, show_progress=False)
+    assert torch.allclose(merged, stacked, atol=1e-5)
+    assert (merged - base).abs().max() > 1e-6, "the adapter changed nothing"
+
+    config.train = tiny_train(max_steps=4)
+    train_mntp(config)
+    report = json.loads((out / "mntp_report.json").read_text())
+    assert report["steps"] == 4
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_train_mntp_refuses_bad_input(tmp_path, causal_lm_dir, small_world):
+    with pytest.raises(InputError, match="no-such-model"):
+        train_mntp(MNTPConfig(model=tmp_path / "no-such-model", corpus=small_world / "corpus.txt"))
+    with pytest.raises(InputError, match="mask_ratio"):
+        train_mntp(MNTPConfig(model=causal_lm_dir, corpus=small_world / "corpus.txt", mask_ratio=1.5))
+    with pytest.raises(InputError, match="missing.txt"):
+        train_mntp(MNTPConfig(model=causal_lm_dir, corpus=tmp_path / "missing.txt"))
+
+
+# --- caption contrastive ------------------------------------------------------------------------
+
+
+def test_caption_pairs_draw_two_different_captions_then_plain_sentences():
+    pairs = CaptionPairs([["a", "b", "c"], ["only one"], ["d", "e"]], ["plain text"], seed=0)
+    assert len(pairs) == 3  # the one-caption image cannot form a pair
+    for index in range(2):
+        first, second = pairs[index]
+        assert first != second
+    assert pairs[2] == ("plain text", "plain text")
+    with pytest.raises(InputError, match="two captions"):
+        CaptionPairs([["lonely"]], [], seed=0)
+
+
+def test_train_contrastive_outputs_load_and_agree(tmp_path, encoder_dir, small_world):
+    out = tmp_path / "contrastive"
+    config = ContrastiveConfig(model=encoder_dir, data=small_world, corpus=small_world / "corpus.txt",
+                               out_dir=out, max_length=48, train=tiny_train())
+    train_contrastive(config)
+    report = json.loads((out / "contrastive_report.json").read_text())
+    assert report["steps"] == 2 and report["plain_text_pairs"] > 0
+    texts = ["a crimson circle left of a blue box", "two shapes"]
+    merged = LLMEncoder.from_pretrained(out / "merged").encode(texts, show_progress=False)
+    stacked = LLMEncoder.from_pretrained(encoder_dir, adapters=[out / "adapter"]).encode(texts, show_progress=False)
+    assert torch.allclose(merged, stacked, atol=1e-5)
+
+
+def test_train_contrastive_refuses_data_without_pairs(tmp_path, encoder_dir):
+    data = tmp_path / "single.jsonl"
+    data.write_text(json.dumps({"image": "x.png", "captions": ["only one caption"]}) + "\n")
+    with pytest.raises(InputError, match="two captions"):
+        train_contrastive(ContrastiveConfig(model=encoder_dir, data=data, corpus=None, out_dir=tmp_path / "out"))
+
+
+# --- CRA ----------------------------------------------------------------------------------------
+
+
+def test_cra_counts_partners_and_shares_ties():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    assert caption_retrieval_accuracy(a, a.clone()) == pytest.approx(1.0)
+    assert caption_retrieval_accuracy(a, a.flip(0)) == pytest.approx(1 / 3)  # only the middle row keeps its partner
+    same = torch.ones(4, 3)
+    assert caption_retrieval_accuracy(same, same) == pytest.approx(0.25)  # all tied: chance
+    with pytest.raises(ValueError, match="same shape"):
+        caption_retrieval_accuracy(a, a[:2])
+
+
+def test_bag_of_words_cannot_tell_bound_attributes_apart():
+    a = ["a red circle and a blue square", "a blue circle and a red square"]
+    b = ["a blue square and a red circle", "a red square and a blue circle"]
+    assert bag_of_words_cra(a, b) == pytest.approx(0.5)
+
+
+def test_report_cra_for_a_model_and_the_bag_of_words(tmp_path, encoder_dir, small_world, capsys):
+    out = tmp_path / "cra.json"
+    report = report_cra(CRAConfig(model=[str(encoder_dir)], data=small_world, split="train", out=out))
+    assert set(report["cra"]) == {"bag of words", str(encoder_dir)}
+    assert report["images"] == 20
+    assert json.loads(out.read_text()) == report
+    assert "CRA on 20 train images" in capsys.readouterr().out
+    with pytest.raises(InputError, match="has 9 captions"):
+        report_cra(CRAConfig(model=None, data=small_world, split="train", caption_b=8))
+
+
+def test_stage1_outputs_are_plain_directories(tmp_path, encoder_dir):
+    """A merged encoder directory is self-contained: it loads after the source is gone."""
+    copy = tmp_path / "copy"
+    shutil.copytree(encoder_dir, copy)
+    LLMEncoder.from_pretrained(copy).save_pretrained(tmp_path / "saved")
+    shutil.rmtree(copy)
+    assert LLMEncoder.from_pretrained(tmp_path / "saved").encode(["a red star"], show_progress=False).shape[0] == 1
