@@ -36,6 +36,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 RUN_ERROR = re.compile(r"Error during evaluation: (.*?)(?:\. Please set `--verbosity=DEBUG`.*)?$", re.MULTILINE)
+EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$", re.MULTILINE)  # a traceback's last line
 GENERATION_ERROR = re.compile(r"Error (.*) in generating$", re.MULTILINE)
 
 
@@ -189,6 +190,19 @@ def _run_logged(command: list[str], env: dict[str, str], log_file: Path) -> tupl
     return proc.returncode, ANSI.sub("", log_file.read_text(encoding="utf-8"))
 
 
+def _failure(log: str, code: int) -> str:
+    """Why lmms-eval stopped: its last error line, with the first exception raised when that says more."""
+    errors = RUN_ERROR.findall(log)
+    lines = [line for line in log.splitlines() if line.strip()]
+    reason = errors[-1] if errors else (lines[-1] if lines else f"exit code {code}")
+    raised = EXCEPTION.findall(log)
+    if raised and raised[0][1] not in reason:
+        reason += f" (first raised: {raised[0][0]}: {raised[0][1]})"
+    if "OfflineModeIsEnabled" in log:
+        reason += "; offline, a task's dataset must already be in the local Hugging Face cache (or set offline=false)"
+    return reason
+
+
 def run_model(name: str, model: str, command: list[str], env: dict[str, str], out: Path) -> dict:
     """Run lmms-eval on one model and return its results JSON; fail loudly where lmms-eval only logs."""
     shutil.rmtree(out, ignore_errors=True)
@@ -198,10 +212,7 @@ def run_model(name: str, model: str, command: list[str], env: dict[str, str], ou
     results = sorted(out.glob("*/*_results.json"))
     what = f"lmms-eval on model '{name}' ({model})"
     if code != 0 or not results:
-        errors = RUN_ERROR.findall(log)
-        lines = [line for line in log.splitlines() if line.strip()]
-        reason = errors[-1] if errors else (lines[-1] if lines else f"exit code {code}")
-        raise InputError(f"{what} failed: {reason}. Full log: {log_file}")
+        raise InputError(f"{what} failed: {_failure(log, code)}. Full log: {log_file}")
     failed = GENERATION_ERROR.findall(log)
     if failed:
         raise InputError(f"{what} could not generate an answer for {len(failed)} sample(s): {failed[0]}. "

@@ -279,6 +279,21 @@ def test_a_failed_run_names_the_model_and_lmms_evals_reason(tmp_path):
     assert "Tasks not found" in (tmp_path / "run" / "lmms_eval.log").read_text()
 
 
+def test_a_failed_run_adds_the_root_cause_and_the_offline_hint(tmp_path):
+    output = ("Traceback (most recent call last):\n"
+              "    raise ConnectionError(f\"Couldn't reach '{path}' on the Hub\")\n"
+              "ConnectionError: Couldn't reach 'lmms-lab/POPE' on the Hub (OfflineModeIsEnabled)\n"
+              "tenacity.RetryError: RetryError[<Future raised ConnectionError>]\n"
+              "ERROR | Error during evaluation: RetryError[<Future raised ConnectionError>]. Please set "
+              "`--verbosity=DEBUG` to get more information.\n")
+    command = _fake_lmms_eval(tmp_path, output, write_results=False)
+    with pytest.raises(InputError) as failure:
+        run_model("tower", "some/dir", command, {}, tmp_path / "run")
+    message = str(failure.value)
+    assert "first raised: ConnectionError: Couldn't reach 'lmms-lab/POPE' on the Hub" in message
+    assert "dataset must already be in the local Hugging Face cache (or set offline=false)" in message
+
+
 def test_swallowed_generation_errors_fail_the_run(tmp_path):
     output = ("ERROR | lmms_eval.models.chat.llava_hf:generate_until:108 - "
               "Error Image features and image tokens do not match in generating\n")
