@@ -1,0 +1,80 @@
+"""The `mllm` console script: LLaVA-1.5 on an LLM2CLIP vision tower.
+
+It shares the `llm2clip` command machinery: every subcommand reads a config dataclass whose defaults
+are the tiny embedded run, a YAML file (`--config`) and `KEY=VALUE` overrides change any key, and
+named flags are shortcuts for common keys.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from llm2clip import cli
+from llm2clip.cli import Command, Flag
+
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        ("pretrain",),
+        "mllm.train:PretrainConfig",
+        "mllm.train:pretrain",
+        "Build a Llava from a vision tower and an LLM, and train its projector on caption data (plain template).",
+        flags=(
+            Flag("--vision-tower", "model.vision_tower", "CLIPVisionModel directory (e.g. stage 2's vision_tower/)"),
+            Flag("--llm", "model.llm", "causal LM directory"),
+            Flag("--data", "data.path", "LLaVA pretraining JSON (blip_laion_cc_sbu_558k.json form)"),
+            Flag("--image-folder", "data.image_folder", "folder the JSON's image paths are relative to"),
+            Flag("--out", "out_dir", "output directory"),
+            Flag("--deepspeed", "train.deepspeed", "DeepSpeed JSON config"),
+        ),
+    ),
+    Command(
+        ("finetune",),
+        "mllm.train:FinetuneConfig",
+        "mllm.train:finetune",
+        "Instruction-tune a Llava (projector and LLM, full or LoRA) on LLaVA conversation data.",
+        flags=(
+            Flag("--model", "model", "Llava directory (pretrain's final/)"),
+            Flag("--data", "data.path", "LLaVA instruction JSON (llava_v1_5_mix665k.json form)"),
+            Flag("--image-folder", "data.image_folder", "folder the JSON's image paths are relative to"),
+            Flag("--template", "data.template", "plain | vicuna_v1 | llm"),
+            Flag("--tune", "tune", "full | lora"),
+            Flag("--out", "out_dir", "output directory"),
+            Flag("--deepspeed", "train.deepspeed", "DeepSpeed JSON config"),
+        ),
+    ),
+    Command(
+        ("export",),
+        "mllm.export:ExportConfig",
+        "mllm.export:export",
+        "Write a plain HF Llava directory (LoRA merged), reload it and answer a question about an image.",
+        flags=(
+            Flag("--model", "model", "Llava or LoRA adapter directory (finetune's final/ or a checkpoint)"),
+            Flag("--out", "out_dir", "output directory"),
+            Flag("--dtype", "dtype", "auto | float32 | bfloat16 | float16"),
+        ),
+    ),
+    Command(
+        ("eval",),
+        "mllm.evaluate:EvalConfig",
+        "mllm.evaluate:evaluate",
+        "Benchmark exported Llava directories with lmms-eval (llava_hf) and write a side-by-side report.",
+        flags=(
+            Flag("--models", "models", "exported Llava directories, comma-separated"),
+            Flag("--names", "names", "display names, comma-separated, one per model"),
+            Flag("--tasks", "tasks", "synth_qa, synth_qa_<type> or lmms-eval task names, comma-separated"),
+            Flag("--world", "world", "synthetic world directory (for the synth_qa tasks)"),
+            Flag("--split", "split", "world split of the synth_qa questions: val | test"),
+            Flag("--limit", "limit", "first N samples of each task"),
+            Flag("--device", "device", "cpu | cuda | cuda:N"),
+            Flag("--out", "out_dir", "directory for lmms-eval's outputs, report.json and report.md"),
+        ),
+    ),
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(argv, commands=COMMANDS, prog="mllm", description=__doc__.splitlines()[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
