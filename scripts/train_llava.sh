@@ -6,6 +6,7 @@
 #   VISION_TOWER  stage-2 tower directory        runs/stage2/llm2clip/vision_tower
 #   LLM           causal LM directory             runs/tiny-llm
 #   DATA          synthetic world directory       runs/world
+#                 (or any folder in its layout: llava/{pretrain,finetune}.json, llava/qa_test.jsonl, images/)
 #   OUT           output directory                runs/llava
 #   NPROC         torchrun processes per trainer  1
 #   PRETRAIN_CONFIG, FINETUNE_CONFIG, EVAL_CONFIG: optional YAML configs for the steps (real-scale runs)

@@ -21,10 +21,11 @@ from transformers import (
     LlavaProcessor,
 )
 
-from llm2clip.config import load_config
+from llm2clip.config import config_keys, load_config
 from llm2clip.data.synth import SHORT_ANSWER, SynthConfig, generate_world
 from llm2clip.errors import InputError
 from llm2clip.text.tokenizer_training import train_tokenizer
+from mllm.cli import COMMANDS
 from mllm.evaluate import (
     SYNTH_TYPES,
     TASK_DIR,
@@ -250,6 +251,12 @@ def test_bad_model_directories_are_named(llava, tmp_path):
 
 def test_tiny_eval_yaml_lists_every_default():
     assert load_config(EvalConfig, ROOT / "configs" / "tiny-llava-eval.yaml") == EvalConfig()
+
+
+def test_eval_command_flags_set_eval_config_keys():
+    (command,) = [c for c in COMMANDS if c.words == ("eval",)]
+    assert (command.config, command.target) == ("mllm.evaluate:EvalConfig", "mllm.evaluate:evaluate")
+    assert {flag.key for flag in command.flags} <= set(config_keys(EvalConfig))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
