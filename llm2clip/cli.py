@@ -158,12 +158,13 @@ def _resolve(spec: str):
     return getattr(importlib.import_module(module), name)
 
 
-def _build_parser() -> tuple[argparse.ArgumentParser, dict[tuple[str, ...], Command]]:
-    parser = argparse.ArgumentParser(prog="llm2clip", description=__doc__.splitlines()[0])
+def _build_parser(commands: tuple[Command, ...], prog: str,
+                  description: str) -> tuple[argparse.ArgumentParser, dict[tuple[str, ...], Command]]:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     groups = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     nested: dict[str, argparse._SubParsersAction] = {}
     table: dict[tuple[str, ...], Command] = {}
-    for command in COMMANDS:
+    for command in commands:
         target = groups
         if len(command.words) == 2:
             group = command.words[0]
@@ -189,8 +190,10 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[tuple[str, ...], Comm
     return parser, table
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser, table = _build_parser()
+def main(argv: list[str] | None = None, commands: tuple[Command, ...] = COMMANDS, prog: str = "llm2clip",
+         description: str = __doc__.splitlines()[0]) -> int:
+    """Run one command of `commands` (another console script, such as `mllm`, passes its own table)."""
+    parser, table = _build_parser(commands, prog, description)
     args = parser.parse_args(argv)
     command = table[args._command]
     overrides, positionals = [], []
@@ -207,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(config_cls, args.config, overrides)
     except ConfigError as err:
-        print(f"llm2clip {' '.join(command.words)}: {err}", file=sys.stderr)
+        print(f"{prog} {' '.join(command.words)}: {err}", file=sys.stderr)
         return 2
     if args.print_config:
         print(dump_config(config), end="")
@@ -215,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _resolve(command.target)(config)
     except (ConfigError, InputError, FileNotFoundError) as err:
-        print(f"llm2clip {' '.join(command.words)}: error: {err}", file=sys.stderr)
+        print(f"{prog} {' '.join(command.words)}: error: {err}", file=sys.stderr)
         return 1
     return 0
 

@@ -99,8 +99,29 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str) -> T:
             )
     kwargs = {}
     for key, value in data.items():
+        tp = _strip_optional(hints[key])
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            # A partial section keeps the parent's own defaults for the keys it does not name.
+            default = _field_default(valid[key])
+            if dataclasses.is_dataclass(default):
+                value = _merge(dataclasses.asdict(default), value)
         kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
     return cls(**kwargs)
+
+
+def _field_default(field: dataclasses.Field) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            value = _merge(merged[key], value)
+        merged[key] = value
+    return merged
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

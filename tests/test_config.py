@@ -43,6 +43,19 @@ def test_unknown_key_names_the_key_and_the_valid_ones(tmp_path):
         load_config(Outer, yaml_file)
 
 
+@dataclass
+class WithOwnDefaults:
+    inner: Inner = field(default_factory=lambda: Inner(steps=99, rate=0.5))
+
+
+def test_a_partial_section_keeps_the_parent_defaults(tmp_path):
+    config = load_config(WithOwnDefaults, None, ["inner.steps=3"])
+    assert config.inner == Inner(steps=3, rate=0.5)
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("inner:\n  names: [x]\n")
+    assert load_config(WithOwnDefaults, yaml_file).inner == Inner(steps=99, rate=0.5, names=["x"])
+
+
 def test_wrong_types_and_bad_files_are_named():
     with pytest.raises(ConfigError, match="'inner.steps' takes an integer"):
         load_config(Outer, None, ["inner.steps=many"])

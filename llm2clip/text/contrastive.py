@@ -46,7 +46,7 @@ class ContrastiveConfig:
     scale: float = 50.0  # logit scale, 1 / temperature
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainSettings = field(
-        default_factory=lambda: TrainSettings(max_steps=250, batch_size=32, learning_rate=3e-4, save_steps=50)
+        default_factory=lambda: TrainSettings(max_steps=300, batch_size=32, learning_rate=1e-3, save_steps=100)
     )
 
 
