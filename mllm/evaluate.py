@@ -31,6 +31,7 @@ from mllm.report import ModelRun, build_report, write_report
 SYNTH_GROUP = "synth_qa"
 SYNTH_TYPES = ("color", "count", "position", "size", "yesno")
 TASK_DIR = Path(__file__).parent / "lmms_tasks"
+TASKS_FOLDER = "lmms_tasks"  # the run's copy of TASK_DIR, under out_dir
 LLAVA_MODEL_TYPES = ("llava", "llava_next", "llava_onevision")  # what lmms-eval's llava_hf loads
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -110,8 +111,9 @@ def _check(config: EvalConfig) -> list[str]:
                              f"({', '.join(LLAVA_MODEL_TYPES)})")
     names = display_names(config)
     folders = [_folder(name) for name in names]
-    if len(set(folders)) != len(folders):
-        raise InputError(f"model names {', '.join(names)} must differ in letters or digits (they name output folders)")
+    if len(set(folders)) != len(folders) or TASKS_FOLDER in folders:
+        raise InputError(f"model names {', '.join(names)} must differ in letters or digits and not be "
+                         f"{TASKS_FOLDER} (they name output folders)")
     return names
 
 
@@ -226,7 +228,7 @@ def evaluate(config: EvalConfig) -> dict:
     device = resolve_device(config.device)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    include = write_synth_tasks(Path(config.world), config.split, out_dir / "lmms_tasks") if synth else None
+    include = write_synth_tasks(Path(config.world), config.split, out_dir / TASKS_FOLDER) if synth else None
     env = {**os.environ, **(OFFLINE_ENV if config.offline else {})}
     prefix = [f"{k}={v}" for k, v in OFFLINE_ENV.items()] if config.offline else []
     runs = []

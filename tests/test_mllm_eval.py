@@ -247,6 +247,8 @@ def test_bad_model_directories_are_named(llava, tmp_path):
         evaluate(EvalConfig(models=[str(llava) + ",dtype=x"], out_dir=tmp_path / "eval"))
     with pytest.raises(InputError, match="must differ"):
         evaluate(EvalConfig(models=[str(llava), str(llava)], names=["a b", "a/b"], out_dir=tmp_path / "eval"))
+    with pytest.raises(InputError, match="not be lmms_tasks"):
+        evaluate(EvalConfig(models=[str(llava)], names=["lmms_tasks"], out_dir=tmp_path / "eval"))
 
 
 def test_tiny_eval_yaml_lists_every_default():
