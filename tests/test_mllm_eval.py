@@ -26,6 +26,7 @@ from llm2clip.data.synth import SHORT_ANSWER, SynthConfig, generate_world
 from llm2clip.errors import InputError
 from llm2clip.text.tokenizer_training import train_tokenizer
 from mllm.cli import COMMANDS
+from mllm.cli import main as mllm_main
 from mllm.evaluate import (
     SYNTH_TYPES,
     TASK_DIR,
@@ -259,6 +260,12 @@ def test_eval_command_flags_set_eval_config_keys():
     (command,) = [c for c in COMMANDS if c.words == ("eval",)]
     assert (command.config, command.target) == ("mllm.evaluate:EvalConfig", "mllm.evaluate:evaluate")
     assert {flag.key for flag in command.flags} <= set(config_keys(EvalConfig))
+
+
+def test_mllm_eval_cli_prints_bad_input_as_one_line(tmp_path, capsys):
+    assert mllm_main(["eval", "--models", str(tmp_path), "--limit", "2", "--out", str(tmp_path / "eval")]) == 1
+    assert capsys.readouterr().err.strip() == (f"mllm eval: error: {tmp_path} is not an exported Llava directory "
+                                               "(no config.json); run `mllm export` first")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
