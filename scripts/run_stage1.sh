@@ -2,19 +2,9 @@
 # Stage 1 on the embedded default: synthetic world -> tiny LLM -> MNTP -> caption contrastive,
 # with caption retrieval accuracy (CRA) before and after. Sets up .venv first when it is missing.
 # RUNS (default: runs) is where everything is written; a rerun resumes or skips finished steps.
-set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$root/scripts/setup_env.sh"
-cd "$root"
-llm2clip="${LLM2CLIP_VENV:-$root/.venv}/bin/llm2clip"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+llm2clip="$venv/bin/llm2clip"
 runs="${RUNS:-runs}"
-
-step() {
-  echo
-  echo "== $1"
-  shift
-  "$@" || { echo "run_stage1: step failed: $*" >&2; exit 1; }
-}
 
 step "synthetic world" "$llm2clip" synth --out "$runs/world"
 step "tiny LLM" "$llm2clip" tiny-llm --corpus "$runs/world/corpus.txt" --out "$runs/tiny-llm"

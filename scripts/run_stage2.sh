@@ -2,20 +2,10 @@
 # Stage 2 on the embedded default (after scripts/run_stage1.sh): cache the frozen stage-1 encoder's
 # caption embeddings, train LLM2CLIP and the plain-CLIP baseline on the same ViT, data and budget,
 # then evaluate both side by side. RUNS (default: runs) as in run_stage1.sh; reruns resume.
-set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$root/scripts/setup_env.sh"
-cd "$root"
-llm2clip="${LLM2CLIP_VENV:-$root/.venv}/bin/llm2clip"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+llm2clip="$venv/bin/llm2clip"
 runs="${RUNS:-runs}"
 encoder="$runs/stage1/contrastive/merged"
-
-step() {
-  echo
-  echo "== $1"
-  shift
-  "$@" || { echo "run_stage2: step failed: $*" >&2; exit 1; }
-}
 
 [ -f "$encoder/config.json" ] || { echo "run_stage2: no stage-1 encoder at $encoder; run scripts/run_stage1.sh first" >&2; exit 1; }
 step "caption-embedding cache (English short + long captions)" "$llm2clip" embed \

@@ -12,11 +12,7 @@
 #   PRETRAIN_CONFIG, FINETUNE_CONFIG, EVAL_CONFIG: optional YAML configs for the steps (real-scale runs)
 # A rerun resumes: the trainers continue from their newest checkpoint; export and eval redo (quick).
 # Compare towers: run once per tower with its own OUT, then `mllm eval --config configs/tiny-llava-eval.yaml`.
-set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$root/scripts/setup_env.sh"
-cd "$root"
-venv="${LLM2CLIP_VENV:-$root/.venv}"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 VISION_TOWER="${VISION_TOWER:-runs/stage2/llm2clip/vision_tower}"
 LLM="${LLM:-runs/tiny-llm}"
@@ -33,14 +29,6 @@ trainer=("${mllm[@]}")
 if [ "$NPROC" -gt 1 ]; then
   trainer=("$venv/bin/torchrun" --standalone --nproc_per_node "$NPROC" -m mllm.cli)
 fi
-
-step() {
-  local name="$1"
-  shift
-  echo
-  echo "== $name"
-  "$@" || { echo "train_llava: step '$name' failed (exit $?); fix it and rerun to resume: $*" >&2; exit 1; }
-}
 
 pretrain_config=() finetune_config=() eval_config=()
 if [ -n "${PRETRAIN_CONFIG:-}" ]; then pretrain_config=(--config "$PRETRAIN_CONFIG"); fi
