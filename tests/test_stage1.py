@@ -110,6 +110,7 @@ def test_train_mntp_writes_llm2vec_layout_and_resumes(tmp_path, causal_lm_dir, s
                  "merged/model.safetensors", "merged/llm2vec_config.json", "mntp_report.json"):
         assert (out / name).is_file(), name
     assert "is_causal" not in json.loads((out / "merged" / "config.json").read_text())
+    assert json.loads((out / "merged" / "llm2vec_config.json").read_text())["max_length"] == 512
     adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(causal_lm_dir.resolve())
 
@@ -158,6 +159,7 @@ def test_train_contrastive_outputs_load_and_agree(tmp_path, encoder_dir, small_w
     train_contrastive(config)
     report = json.loads((out / "contrastive_report.json").read_text())
     assert report["steps"] == 2 and report["plain_text_pairs"] > 0
+    assert json.loads((out / "merged" / "llm2vec_config.json").read_text())["max_length"] == 512
     texts = ["a crimson circle left of a blue box", "two shapes"]
     merged = LLMEncoder.from_pretrained(out / "merged").encode(texts, show_progress=False)
     stacked = LLMEncoder.from_pretrained(encoder_dir, adapters=[out / "adapter"]).encode(texts, show_progress=False)

@@ -42,7 +42,7 @@ class ContrastiveConfig:
     include_long_captions: bool = False  # long captions join the short ones as positives
     out_dir: Path = Path("runs/stage1/contrastive")
     pooling_mode: str = "mean"
-    max_length: int = 160
+    max_length: int = 160  # truncation of training captions; the saved encoder keeps the model's own
     scale: float = 50.0  # logit scale, 1 / temperature
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainSettings = field(
@@ -115,7 +115,8 @@ def training_pairs(config: ContrastiveConfig) -> CaptionPairs:
 
 def train_contrastive(config: ContrastiveConfig) -> None:
     pairs = training_pairs(config)
-    encoder = LLMEncoder.from_pretrained(config.model, pooling_mode=config.pooling_mode, max_length=config.max_length)
+    encoder = LLMEncoder.from_pretrained(config.model, pooling_mode=config.pooling_mode)
+    saved_max_length, encoder.max_length = encoder.max_length, config.max_length  # truncation while training only
     encoder.model = get_peft_model(encoder.model, lora_config(config.lora))
     encoder.model.peft_config["default"].base_model_name_or_path = str(config.model.resolve())
     if config.train.gradient_checkpointing:
@@ -134,6 +135,7 @@ def train_contrastive(config: ContrastiveConfig) -> None:
     )
     result = trainer.train(resume_from_checkpoint=resume_checkpoint(config.train, checkpoint_dir))
 
+    encoder.max_length = saved_max_length
     encoder.save_pretrained(config.out_dir / "adapter", merge=False)
     encoder.save_pretrained(config.out_dir / "merged", merge=True)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

@@ -116,7 +116,8 @@ def export_mntp(peft_lm: PeftModel, tokenizer, config: MNTPConfig) -> None:
     if result.unexpected_keys:
         raise RuntimeError(f"adapter keys did not map onto the base model: {result.unexpected_keys[:3]}")
     base.peft_config["default"].base_model_name_or_path = str(config.model.resolve())
-    encoder = LLMEncoder(base, tokenizer, pooling_mode=config.pooling_mode, max_length=config.max_seq_length)
+    # The block length is a training setting; the saved encoder keeps llm2vec's default max_length.
+    encoder = LLMEncoder(base, tokenizer, pooling_mode=config.pooling_mode)
     encoder.save_pretrained(config.out_dir / "adapter", merge=False)
     encoder.save_pretrained(config.out_dir / "merged", merge=True)
 
