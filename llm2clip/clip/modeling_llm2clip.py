@@ -207,13 +207,7 @@ def export_vision_tower(model: LLM2CLIPModel, out_dir: str | os.PathLike, image_
         raise InputError(f"image_size {image_size} is below the tower's input size {crop}; the centre crop needs {crop} px")
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir} exists and is not a directory")
-    processor = CLIPImageProcessor(
-        size={"shortest_edge": image_size},
-        crop_size={"height": crop, "width": crop},
-        resample=PILImageResampling.BICUBIC,
-        image_mean=OPENAI_CLIP_MEAN,
-        image_std=OPENAI_CLIP_STD,
-    )
+    processor = clip_image_processor(image_size, crop)
     with atomic_dir(out_dir) as tmp:
         model.vision_model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
@@ -232,3 +226,15 @@ def _errors_only() -> Iterator[None]:
 
 
 __all__ = ["LLM2CLIPModel", "LLM2CLIPOutput", "export_vision_tower"]
+
+
+def clip_image_processor(image_size: int, crop_size: int | None = None) -> CLIPImageProcessor:
+    """CLIP's preprocessing: bicubic resize of the shortest side, centre crop, OpenAI CLIP mean/std."""
+    crop_size = image_size if crop_size is None else crop_size
+    return CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": crop_size, "width": crop_size},
+        resample=PILImageResampling.BICUBIC,
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+    )

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from PIL.Image import Image
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerBase
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 
+from llm2clip.clip.modeling_llm2clip import clip_image_processor
 from llm2clip.errors import InputError
 
 if TYPE_CHECKING:
@@ -45,13 +45,7 @@ def image_processor(model_dir: Path, image_size: int) -> CLIPImageProcessor:
     """The directory's own processor, else CLIP's: resize the shortest side, centre crop, CLIP mean/std."""
     if (model_dir / "preprocessor_config.json").is_file():
         return CLIPImageProcessor.from_pretrained(model_dir)
-    return CLIPImageProcessor(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        resample=PILImageResampling.BICUBIC,
-        image_mean=OPENAI_CLIP_MEAN,
-        image_std=OPENAI_CLIP_STD,
-    )
+    return clip_image_processor(image_size)
 
 
 class LLM2CLIPTower(ImageTextTower):

@@ -29,7 +29,6 @@ from transformers import (
     AutoTokenizer,
     BaseImageProcessor,
     CLIPConfig,
-    CLIPImageProcessor,
     CLIPModel,
     CLIPTextConfig,
     CLIPVisionConfig,
@@ -43,6 +42,7 @@ from transformers import (
 )
 
 from llm2clip.clip import LLM2CLIPConfig, LLM2CLIPModel, export_vision_tower
+from llm2clip.clip.modeling_llm2clip import clip_image_processor
 from llm2clip.config import config_to_dict
 from llm2clip.data.records import ImageText, load_image_texts
 from llm2clip.embed.cache import EmbeddingCache
@@ -370,8 +370,7 @@ def _image_processor(vision: VisionSettings, image_size: int) -> BaseImageProces
     if vision.pretrained is not None and (vision.pretrained / "preprocessor_config.json").is_file():
         processor = AutoImageProcessor.from_pretrained(vision.pretrained)
     else:
-        processor = CLIPImageProcessor(size={"shortest_edge": image_size},
-                                       crop_size={"height": image_size, "width": image_size})
+        processor = clip_image_processor(image_size)
     crop = getattr(processor, "crop_size", None) or processor.size
     if (crop.get("height"), crop.get("width")) != (image_size, image_size):
         raise InputError(f"the image processor of {vision.pretrained} makes {crop.get('height')}x{crop.get('width')} "
