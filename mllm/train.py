@@ -140,6 +140,20 @@ class LlavaTrainer(Trainer):
             loss = loss + 0.0 * self._blank_image_features().sum()
         return (loss, outputs) if return_outputs else loss
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Restore a full (non-LoRA, non-DeepSpeed) Llava from a checkpoint, strictly.
+
+        `save_pretrained` writes LLaVA's original key names (`language_model.model.*`), which the Trainer's
+        plain `load_state_dict(strict=False)` would silently skip; `from_pretrained` maps them back.
+        """
+        model = self.model if model is None else model
+        folder = Path(resume_from_checkpoint)
+        full = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
+        if not (isinstance(model, LlavaForConditionalGeneration) and full):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        saved = LlavaForConditionalGeneration.from_pretrained(folder, dtype=model.dtype)
+        model.load_state_dict(saved.state_dict(), strict=True)
+
     def _blank_image_features(self) -> torch.Tensor:
         llava = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
         crop = self.processing_class.image_processor.crop_size

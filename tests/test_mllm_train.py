@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -170,6 +171,27 @@ def test_pretrain_finetune_export_generate(parts, tmp_path):
     with Image.open(parts["world"] / "images" / "2.png") as image:
         answer = ask(model, processor, image.convert("RGB"), question, max_new_tokens=4)
     assert isinstance(answer, str) and answer == result["answer"]
+
+
+def test_resume_restores_the_checkpoint_weights(parts, tmp_path):
+    """A run stopped after step 1 and rerun ends with the same weights as the run that was never stopped."""
+    out = tmp_path / "pre"
+    settings = ("train.max_steps=2", "train.save_steps=1", "train.save_total_limit=3", "train.warmup_ratio=0")
+    _pretrain(parts, out, *settings)
+    uninterrupted = _weights(out / "final")
+    shutil.rmtree(out / "checkpoints" / "checkpoint-2")
+    shutil.rmtree(out / "final")  # as if killed during step 2
+
+    report = _pretrain(parts, out, *settings)
+    assert (report["resumed_from_step"], report["steps_this_run"]) == (1, 1)
+    resumed = _weights(out / "final")
+    projector = "model.multi_modal_projector.linear_1.weight"
+    assert not torch.equal(resumed[projector], _weights(out / "checkpoints" / "checkpoint-1")[projector])
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+    assert _pretrain(parts, out, *settings)["steps_this_run"] == 0  # a finished run reruns as a no-op
+    assert torch.equal(_weights(out / "final")[projector], resumed[projector])
 
 
 @pytest.mark.slow
