@@ -9,7 +9,9 @@
 #                 (or any folder in its layout: llava/{pretrain,finetune}.json, llava/qa_test.jsonl, images/)
 #   OUT           output directory                runs/llava
 #   NPROC         torchrun processes per trainer  1
-#   PRETRAIN_CONFIG, FINETUNE_CONFIG, EVAL_CONFIG: optional YAML configs for the steps (real-scale runs)
+#   PRETRAIN_CONFIG  YAML for mllm pretrain        configs/tiny-llava-pretrain.yaml
+#   FINETUNE_CONFIG  YAML for mllm finetune        configs/tiny-llava-finetune.yaml
+#   EVAL_CONFIG      optional YAML for mllm eval   (real scale: configs/llava-1.5-7b-*.yaml for the first two)
 # A rerun resumes: the trainers continue from their newest checkpoint; export and eval redo (quick).
 # Compare towers: run once per tower with its own OUT, then `mllm eval --config configs/tiny-llava-eval.yaml`.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -30,9 +32,9 @@ if [ "$NPROC" -gt 1 ]; then
   trainer=("$venv/bin/torchrun" --standalone --nproc_per_node "$NPROC" -m mllm.cli)
 fi
 
-pretrain_config=() finetune_config=() eval_config=()
-if [ -n "${PRETRAIN_CONFIG:-}" ]; then pretrain_config=(--config "$PRETRAIN_CONFIG"); fi
-if [ -n "${FINETUNE_CONFIG:-}" ]; then finetune_config=(--config "$FINETUNE_CONFIG"); fi
+pretrain_config=(--config "${PRETRAIN_CONFIG:-configs/tiny-llava-pretrain.yaml}")
+finetune_config=(--config "${FINETUNE_CONFIG:-configs/tiny-llava-finetune.yaml}")
+eval_config=()
 if [ -n "${EVAL_CONFIG:-}" ]; then eval_config=(--config "$EVAL_CONFIG"); fi
 
 step "pretrain (projector on captions)" "${trainer[@]}" pretrain "${pretrain_config[@]}" \

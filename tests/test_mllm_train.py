@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -247,7 +248,12 @@ def test_cli_prints_configs_and_one_line_errors(tmp_path, capsys):
 ])
 def test_shipped_configs_load(name, config_cls):
     config = load_config(config_cls, ROOT / "configs" / name)
-    if name.startswith("tiny"):
-        assert config == config_cls()  # the tiny files spell out the embedded defaults
+    if name == "tiny-llava-pretrain.yaml":
+        assert config == config_cls()  # spells out the embedded defaults
+    elif name == "tiny-llava-finetune.yaml":  # the embedded defaults at a rate and size the tiny LLM learns from
+        defaults = config_cls()
+        assert (config.train.learning_rate, config.data.max_samples) == (2e-4, 2000)
+        assert replace(config, train=replace(config.train, learning_rate=defaults.train.learning_rate),
+                       data=replace(config.data, max_samples=defaults.data.max_samples)) == defaults
     else:
         assert config.train.deepspeed.startswith("configs/deepspeed/zero") and config.train.gradient_checkpointing
