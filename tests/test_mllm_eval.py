@@ -430,7 +430,9 @@ def test_train_llava_defaults_and_torchrun(tmp_path):
     done, calls = _train_llava(tmp_path, NPROC="2")
     assert done.returncode == 0, done.stderr
     assert calls[0].startswith("torchrun --standalone --nproc_per_node 2 -m mllm.cli pretrain")
-    assert "--vision-tower runs/stage2/llm2clip/vision_tower --llm runs/tiny-llm --data runs/world/" in calls[0]
+    assert "pretrain --config configs/tiny-llava-pretrain.yaml --vision-tower runs/stage2/llm2clip/vision_tower " \
+           "--llm runs/tiny-llm --data runs/world/" in calls[0]
+    assert "finetune --config configs/tiny-llava-finetune.yaml" in calls[1]
     assert calls[1].startswith("torchrun --standalone --nproc_per_node 2 -m mllm.cli finetune")
     assert calls[2].startswith("python -m mllm.cli export") and calls[3].startswith("python -m mllm.cli eval")
     assert "--out runs/llava/eval" in calls[3]
