@@ -43,7 +43,7 @@ from transformers.utils import logging as hf_logging
 from llm2clip.data.synth import SynthConfig, sample_split
 from llm2clip.data.vocabulary import long_caption, short_captions
 from llm2clip.losses import ClipLoss
-from llm2clip.stage2.train import ClampLogitScale, Stage2Config, Stage2Trainer, _build_model
+from llm2clip.stage2.train import ClampLogitScale, Stage2Config, Stage2Trainer, build_model
 from llm2clip.text.encoder import LLMEncoder
 from llm2clip.text.tokenizer_training import train_tokenizer
 from llm2clip.training import training_arguments
@@ -79,7 +79,7 @@ def load_encoder(path: Path | None, captions: list[str], tmp: Path) -> tuple[LLM
 
 def ours(config: Stage2Config, dim: int, out: Path) -> tuple[Stage2Trainer, Callable[[dict], None]]:
     """The stage-2 Trainer, and one optimizer step on a batch as `Trainer._inner_training_loop` runs it."""
-    model = _build_model(config, dim, None)
+    model = build_model(config, dim, None)
     args = training_arguments(config.train, out, remove_unused_columns=False, dataloader_drop_last=True,
                               ddp_find_unused_parameters=False, disable_tqdm=True)
     clamp = ClampLogitScale(model.config.logit_scale_max)

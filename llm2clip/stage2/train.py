@@ -211,7 +211,7 @@ def train_stage2(config: Stage2Config) -> dict:
             say(f"  e.g. {reason}: {example}")
 
     set_seed(config.train.seed)
-    model = _build_model(config, cache.dim if cache else None, tokenizer)
+    model = build_model(config, cache.dim if cache else None, tokenizer)
     if cache is not None:
         model.config.text_encoder_name_or_path = cache.manifest["encoder"]  # so eval can embed new captions
     processor = _image_processor(config.vision, model.config.vision_config.image_size)
@@ -332,8 +332,9 @@ def _new_vision_config(vision: VisionSettings) -> CLIPVisionConfig:
                             intermediate_size=vision.intermediate_size)
 
 
-def _build_model(config: Stage2Config, text_dim: int | None,
+def build_model(config: Stage2Config, text_dim: int | None,
                  tokenizer: PreTrainedTokenizerBase | None) -> PreTrainedModel:
+    """A fresh stage-2 model of `config.model_type`: LLM2CLIP on `text_dim`-wide cached embeddings, or CLIP."""
     vision = config.vision
     if config.model_type == "llm2clip":
         sizes = {"text_embed_dim": text_dim, "adapter_hidden_dim": config.adapter.hidden_dim,
