@@ -8,7 +8,8 @@ mmbench_en_dev, scienceqa_img, seedbench, ...) goes to lmms-eval as it is; offli
 already be in the local Hugging Face cache.
 
 One lmms-eval process per model (batch size 1). out_dir holds lmms_tasks/, one folder per model
-with lmms-eval's results, samples and log, and report.json / report.md.
+with lmms-eval's results, samples and log, and report.json / report.md. For synth_qa the report adds a
+reference row: each question type answered with its most common answer, without the image.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
 from llm2clip.errors import InputError
 from llm2clip.fileio import atomic_dir
+from mllm.lmms_tasks.utils import normalize
 from mllm.report import ModelRun, build_report, write_report
 
 SYNTH_GROUP = "synth_qa"
@@ -169,6 +172,24 @@ def write_synth_tasks(world: Path, split: str, out: Path) -> Path:
     return out
 
 
+def majority_answer_scores(world: Path, split: str, tasks: list[str], limit: int | None) -> dict[str, float]:
+    """Exact-match scores of answering every question of a type with that type's most common answer in
+    the other held-out split, without the image: the floor a model must beat to show that it looks."""
+    other = "val" if split == "test" else "test"
+    guesses = {
+        qa_type: Counter(normalize(q["answer"]) for q in questions).most_common(1)[0][0]
+        for qa_type, questions in _read_questions(world / "llava" / f"qa_{other}.jsonl", world).items()
+    }
+    hits: dict[str, list[float]] = {}
+    for qa_type, questions in _read_questions(world / "llava" / f"qa_{split}.jsonl", world).items():
+        hits[qa_type] = [float(normalize(q["answer"]) == guesses.get(qa_type)) for q in questions[:limit]]
+    scores = {f"{SYNTH_GROUP}_{t}": sum(hits[t]) / len(hits[t]) for t in SYNTH_TYPES if hits.get(t)}
+    every = [hit for t in SYNTH_TYPES for hit in hits.get(t, [])]
+    scores[SYNTH_GROUP] = sum(every) / len(every)  # lmms-eval's group score: the mean over all samples
+    wanted = set(tasks) | ({f"{SYNTH_GROUP}_{t}" for t in SYNTH_TYPES} if SYNTH_GROUP in tasks else set())
+    return {task: score for task, score in scores.items() if task in wanted}
+
+
 def lmms_eval_command(model: str, config: EvalConfig, device: str, include: Path | None, out: Path) -> list[str]:
     model_args = f"pretrained={Path(model).resolve()},dtype={config.dtype},device_map={device}"
     command = [sys.executable, "-m", "lmms_eval", "--model", "llava_hf", "--model_args", model_args,
@@ -246,7 +267,11 @@ def evaluate(config: EvalConfig) -> dict:
         "device": device,
         "dtype": config.dtype,
     }
-    report = build_report(runs, version("lmms_eval"), settings)
+    reference = None
+    if synth:
+        reference = {"name": "majority answer, no image",
+                     "scores": majority_answer_scores(Path(config.world), config.split, synth, config.limit)}
+    report = build_report(runs, version("lmms_eval"), settings, reference)
     print(write_report(report, out_dir))
     print(f"mllm eval: wrote {out_dir / 'report.md'} and {out_dir / 'report.json'}")
     return report

@@ -37,8 +37,9 @@ def metrics(results: dict) -> dict[str, dict[str, float]]:
     return table
 
 
-def build_report(runs: list[ModelRun], lmms_eval_version: str, settings: dict) -> dict:
-    """The report as plain data: settings, columns in first-seen order, and a row per model."""
+def build_report(runs: list[ModelRun], lmms_eval_version: str, settings: dict, reference: dict | None = None) -> dict:
+    """The report as plain data: settings, columns in first-seen order, a row per model, and an optional
+    reference row (`name`, `scores` by column) such as the no-image majority answer."""
     per_model = [metrics(run.results) for run in runs]
     task_metrics: dict[str, list[str]] = {}
     for table in per_model:
@@ -56,7 +57,8 @@ def build_report(runs: list[ModelRun], lmms_eval_version: str, settings: dict) -
         samples = {task: n["effective"] for task, n in run.results.get("n-samples", {}).items()}
         models.append({"name": run.name, "path": run.path, "scores": scores, "samples": samples,
                        "command": run.command})
-    return {"lmms_eval_version": lmms_eval_version, **settings, "columns": list(columns), "models": models}
+    return {"lmms_eval_version": lmms_eval_version, **settings, "columns": list(columns), "models": models,
+            "reference": reference}
 
 
 def _cell(value: float | None) -> str:
@@ -83,6 +85,9 @@ def markdown(report: dict) -> str:
     ]
     for model in report["models"]:
         lines.append(f"| {model['name']} | " + " | ".join(_cell(model["scores"].get(c)) for c in columns) + " |")
+    reference = report.get("reference")
+    if reference:
+        lines.append(f"| _{reference['name']}_ | " + " | ".join(_cell(reference["scores"].get(c)) for c in columns) + " |")
     lines.append("")
     for model in report["models"]:
         counts = ", ".join(f"{task} {n}" for task, n in model["samples"].items())

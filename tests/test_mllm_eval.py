@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,7 @@ from mllm.evaluate import (
     EvalConfig,
     display_names,
     evaluate,
+    majority_answer_scores,
     resolve_device,
     run_model,
     write_synth_tasks,
@@ -360,6 +362,40 @@ def test_report_puts_models_side_by_side(tmp_path):
     assert text.count(command) == 2
 
 
+def test_report_adds_the_reference_row_under_the_models(tmp_path):
+    runs = [ModelRun("llm2clip", "runs/a", "cmd", _results(0.75, 0.8))]
+    reference = {"name": "majority answer, no image", "scores": {"synth_qa_color": 0.125, "synth_qa": 0.25}}
+    report = build_report(runs, "0.7.3", {"lmms_eval_model": "llava_hf", "world": None}, reference)
+    assert report["reference"] == reference
+    lines = markdown(report).splitlines()
+    row = lines.index("| _majority answer, no image_ | 0.250 | 0.125 | - | - | - | - | - |")
+    assert lines[row - 1].startswith("| llm2clip |")
+    assert "majority" not in markdown(build_report(runs, "0.7.3", {"lmms_eval_model": "llava_hf", "world": None}))
+
+
+def _write_qa(world: Path, split: str, rows: list[tuple[str, str]]) -> None:
+    image = next((world / "images").rglob("*.png")).relative_to(world)
+    lines = [json.dumps({"image": str(image), "question": "q", "answer": answer, "type": qa_type})
+             for qa_type, answer in rows]
+    (world / "llava" / f"qa_{split}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_majority_answer_scores_guess_the_other_splits_most_common_answer(world, tmp_path):
+    copy = tmp_path / "world"
+    shutil.copytree(world, copy)
+    every_type = [(t, "x") for t in SYNTH_TYPES]
+    _write_qa(copy, "val", every_type + [("color", "red"), ("color", "Red."), ("yesno", "no"), ("yesno", "no")])
+    _write_qa(copy, "test", every_type + [("color", "red"), ("color", "blue"), ("color", "red"), ("yesno", "no"),
+                                           ("yesno", "no")])
+    scores = majority_answer_scores(copy, "test", ["synth_qa"], limit=None)
+    assert scores["synth_qa_color"] == pytest.approx(2 / 4)  # "red" (normalised) on x, red, blue, red
+    assert scores["synth_qa_yesno"] == pytest.approx(2 / 3)
+    assert scores["synth_qa_count"] == 1.0  # "x" is the only count answer in val
+    assert scores["synth_qa"] == pytest.approx((2 + 1 + 1 + 1 + 2) / 10)  # over all samples, as lmms-eval's group
+    assert majority_answer_scores(copy, "test", ["synth_qa_color"], limit=2) == {"synth_qa_color": 0.5}  # x, red
+    assert majority_answer_scores(copy, "val", ["synth_qa_yesno"], limit=None) == {"synth_qa_yesno": 2 / 3}
+
+
 # ---------------------------------------------------------------- lmms-eval end to end
 
 
@@ -377,6 +413,7 @@ def test_lmms_eval_on_ten_synthetic_samples(llava, world, tmp_path, monkeypatch)
     assert model["command"].startswith("HF_HUB_OFFLINE=1")
     assert f"--include_path {out / 'lmms_tasks'}" in model["command"]
     assert (out / "report.md").read_text().count("| tiny |") == 1
+    assert report["reference"]["scores"].keys() == set(report["columns"])
     # lmms-eval's own outputs: results, and each sample with the finetuning prompt and a generated answer.
     (samples,) = (out / "tiny").glob("*/*_samples_synth_qa_color.jsonl")
     rows = [json.loads(line) for line in samples.read_text().splitlines()]
