@@ -181,7 +181,7 @@ def test_validate_names_what_does_not_match(cache_dir, tmp_path, world, encoder_
     edited[5].captions[0] = "a different caption"
     with pytest.raises(InputError, match="another dataset: caption hash differs .* both have 300 captions"):
         cache.validate(world, "train", edited)
-    with pytest.raises(InputError, match=rf"another encoder: weight hash differs \({encoder_dir} has .*, "
+    with pytest.raises(InputError, match=rf"another encoder or encoder settings: .* differs \({encoder_dir} had .*, "
                                          rf"{other_encoder_dir} has"):
         cache.validate(world, "train", records, other_encoder_dir)
 

@@ -194,8 +194,8 @@ def _differences(old: dict[str, Any], request: dict[str, Any]) -> list[str]:
     """What makes the cache in `old` unusable for `request`, in words; empty when it matches."""
     found = []
     if old["weight_hash"] != request["weight_hash"]:
-        found.append(f"encoder: the cache has {old['encoder']} (weights {old['weight_hash'][:12]}), "
-                     f"not {request['encoder']} (weights {request['weight_hash'][:12]})")
+        found.append(f"encoder: the cache has {old['encoder']} (fingerprint of its weights and settings "
+                     f"{old['weight_hash'][:12]}), not {request['encoder']} ({request['weight_hash'][:12]})")
     if old["caption_hash"] != request["caption_hash"]:
         found.append(f"captions: the cache has {old['captions']} of {old['dataset']} split {old['split']}, "
                      f"not the {request['captions']} of {request['dataset']} split {request['split']}")

@@ -275,7 +275,8 @@ class EmbeddingCache:
             weights = weight_hash(encoder_dir)
             if weights != m["weight_hash"]:
                 raise InputError(
-                    f"cache {self.path} was built with another encoder: weight hash differs ({m['encoder']} has "
+                    f"cache {self.path} was built with another encoder or encoder settings: the fingerprint of weights "
+                    f"and settings differs ({m['encoder']} had "
                     f"{m['weight_hash'][:12]}, {encoder_dir} has {weights[:12]}); rebuild the cache with "
                     f"`llm2clip embed --model {encoder_dir}`"
                 )
