@@ -190,6 +190,15 @@ def majority_answer_scores(world: Path, split: str, tasks: list[str], limit: int
     return {task: score for task, score in scores.items() if task in wanted}
 
 
+def majority_reference(world: Path, split: str, synth: list[str], limit: int | None) -> dict | None:
+    """The report's no-image row, or None (said once) when the world has no other held-out QA split."""
+    other = "val" if split == "test" else "test"
+    if not (world / "llava" / f"qa_{other}.jsonl").is_file():
+        print(f"mllm eval: no {world / 'llava' / f'qa_{other}.jsonl'}, so no majority-answer row in the report")
+        return None
+    return {"name": "majority answer, no image", "scores": majority_answer_scores(world, split, synth, limit)}
+
+
 def lmms_eval_command(model: str, config: EvalConfig, device: str, include: Path | None, out: Path) -> list[str]:
     model_args = f"pretrained={Path(model).resolve()},dtype={config.dtype},device_map={device}"
     command = [sys.executable, "-m", "lmms_eval", "--model", "llava_hf", "--model_args", model_args,
@@ -252,6 +261,7 @@ def evaluate(config: EvalConfig) -> dict:
     include = write_synth_tasks(Path(config.world), config.split, out_dir / TASKS_FOLDER) if synth else None
     env = {**os.environ, **(OFFLINE_ENV if config.offline else {})}
     prefix = [f"{k}={v}" for k, v in OFFLINE_ENV.items()] if config.offline else []
+    reference = majority_reference(Path(config.world), config.split, synth, config.limit) if synth else None
     runs = []
     for name, model in zip(names, config.models):
         command = lmms_eval_command(model, config, device, include, out_dir / _folder(name))
@@ -267,10 +277,6 @@ def evaluate(config: EvalConfig) -> dict:
         "device": device,
         "dtype": config.dtype,
     }
-    reference = None
-    if synth:
-        reference = {"name": "majority answer, no image",
-                     "scores": majority_answer_scores(Path(config.world), config.split, synth, config.limit)}
     report = build_report(runs, version("lmms_eval"), settings, reference)
     print(write_report(report, out_dir))
     print(f"mllm eval: wrote {out_dir / 'report.md'} and {out_dir / 'report.json'}")

@@ -35,6 +35,7 @@ from mllm.evaluate import (
     display_names,
     evaluate,
     majority_answer_scores,
+    majority_reference,
     resolve_device,
     run_model,
     write_synth_tasks,
@@ -394,6 +395,8 @@ def test_majority_answer_scores_guess_the_other_splits_most_common_answer(world,
     assert scores["synth_qa"] == pytest.approx((2 + 1 + 1 + 1 + 2) / 10)  # over all samples, as lmms-eval's group
     assert majority_answer_scores(copy, "test", ["synth_qa_color"], limit=2) == {"synth_qa_color": 0.5}  # x, red
     assert majority_answer_scores(copy, "val", ["synth_qa_yesno"], limit=None) == {"synth_qa_yesno": 2 / 3}
+    (copy / "llava" / "qa_val.jsonl").unlink()
+    assert majority_reference(copy, "test", ["synth_qa"], None) is None  # no other split: no row, no error
 
 
 # ---------------------------------------------------------------- lmms-eval end to end
