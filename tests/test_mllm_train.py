@@ -252,7 +252,7 @@ def test_shipped_configs_load(name, config_cls):
         assert config == config_cls()  # spells out the embedded defaults
     elif name == "tiny-llava-finetune.yaml":  # the embedded defaults at a rate and size the tiny LLM learns from
         defaults = config_cls()
-        assert (config.train.learning_rate, config.data.max_samples) == (2e-4, 2000)
+        assert (config.train.learning_rate, config.data.max_samples) == (5e-4, 4000)
         assert replace(config, train=replace(config.train, learning_rate=defaults.train.learning_rate),
                        data=replace(config.data, max_samples=defaults.data.max_samples)) == defaults
     else:
