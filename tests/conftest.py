@@ -27,6 +27,15 @@ def _save_encoder(out: Path, corpus: Path, seed: int) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models train fastest on one thread, above all on a CPU shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def small_world(tmp_path_factory) -> Path:
     """A synthetic world of 20 train, 2 val and 2 test images of 32 px."""

@@ -31,14 +31,7 @@ from mllm.templates import vicuna_v1
 from mllm.train import FinetuneConfig, PretrainConfig, finetune, param_groups, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

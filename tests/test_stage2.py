@@ -53,6 +53,7 @@ from llm2clip.stage2.webdataset import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = [
     "vision.image_size=32", "vision.patch_size=8", "vision.hidden_size=32", "vision.num_layers=2",
     "vision.num_heads=2", "vision.intermediate_size=64", "adapter.depth=1", "adapter.hidden_dim=32",
@@ -61,15 +62,6 @@ TINY = [
     "train.save_steps=2", "train.logging_steps=1", "train.dataloader_workers=0", "train.precision=fp32",
     "train.warmup_ratio=0.0",
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train fastest on one thread, above all on a CPU shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
