@@ -80,7 +80,8 @@ def test_twins_share_words_and_differ_in_binding(world):
         assert a["twin_kind"] == b["twin_kind"] and b["twin"] == a["id"]
         for x, y in zip(a["captions"], b["captions"]):
             assert x != y and _bag(x) == _bag(y)  # a bag of words cannot tell them apart
-        assert a["long_caption"] != b["long_caption"]
+        for x, y in zip(a["long_captions"], b["long_captions"], strict=True):
+            assert x != y
         (a0, a1), (b0, b1) = a["objects"][:2], b["objects"][:2]
         if a["twin_kind"] == "color":
             assert (b0["color"], b1["color"]) == (a1["color"], a0["color"])
@@ -110,12 +111,13 @@ def test_long_captions_describe_every_object_past_77_tokens(tmp_path):
     generate_world(SynthConfig(out_dir=tmp_path, n_train=6, n_val=1, n_test=1, min_objects=6, max_objects=6))
     size_words = {w for words in EN.sizes.values() for w in words}
     for r in _rows(tmp_path / "train.jsonl"):
-        text = r["long_caption"]
-        assert _clip_token_floor(text) > 77
-        assert len(re.findall(r"[.!?](?:\s|$)", text)) == 1 + 6 + 5  # intro, one per object, relations
-        for o in r["objects"]:
-            assert any(w in text for w in EN.colors[o["color"]]) and any(w in text for w in EN.shapes[o["shape"]])
-            assert any(w in text for w in EN.sizes[o["size"]])
+        assert len(r["long_captions"]) == 2 and r["long_captions"][0] != r["long_captions"][1]
+        for text in r["long_captions"]:
+            assert _clip_token_floor(text) > 77
+            assert len(re.findall(r"[.!?](?:\s|$)", text)) == 1 + 6 + 5  # intro, one per object, relations
+            for o in r["objects"]:
+                assert any(w in text for w in EN.colors[o["color"]]) and any(w in text for w in EN.shapes[o["shape"]])
+                assert any(w in text for w in EN.sizes[o["size"]])
         for caption in r["captions"]:  # sizes and absolute positions only in the long caption
             assert not set(re.findall(r"[\w-]+", caption.lower())) & size_words
             assert "corner" not in caption
@@ -123,7 +125,7 @@ def test_long_captions_describe_every_object_past_77_tokens(tmp_path):
 
 def test_french_captions(world):
     for r in _rows(world / "train.jsonl"):
-        for en, fr in zip(r["captions"] + [r["long_caption"]], r["captions_fr"] + [r["long_caption_fr"]]):
+        for en, fr in zip(r["captions"] + r["long_captions"][:1], r["captions_fr"] + [r["long_caption_fr"]]):
             assert en != fr
             assert re.search(r"\b(un|une|le|la|l'|il y a)\b", fr.lower())
         # Short French captions use the same template as the English ones at the same index.
@@ -186,8 +188,8 @@ def test_corpus_mixes_languages_from_train_only(world):
     assert all(line.strip() for line in lines)
     assert sum(" = " in line for line in lines) >= 30  # parallel English = French lines
     assert any(line.startswith(("Un ", "Une ", "Il y a")) for line in lines)
-    held_out = {c for split in ("val", "test") for r in _rows(world / f"{split}.jsonl") for c in r["captions"] + [r["long_caption"]]}
-    train = {r["long_caption"] for r in _rows(world / "train.jsonl")}
+    held_out = {c for split in ("val", "test") for r in _rows(world / f"{split}.jsonl") for c in r["captions"] + r["long_captions"]}
+    train = {r["long_captions"][0] for r in _rows(world / "train.jsonl")}
     assert train <= set(lines)
     assert not held_out & set(lines)
 

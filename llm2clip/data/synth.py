@@ -1,7 +1,8 @@
 """`llm2clip synth`: a seeded world of coloured shapes on a 3x3 grid, written in real data formats.
 
-Per image: PNG, paraphrased short captions, a long caption describing every object, French
-renderings of both, and questions. A share of scenes is followed by a twin with the colours or
+Per image: PNG, paraphrased short captions, long captions describing every object (written
+independently, as by different captioners), French renderings of the short captions and of the
+first long one, and questions. A share of scenes is followed by a twin with the colours or
 the positions of its two main objects swapped, so their captions share every word and differ
 only in binding. Outputs under `out_dir`: images/<split>/<id>.png, <split>.jsonl, karpathy.json,
 llava/{pretrain,finetune}.json, llava/qa_{val,test}.jsonl, corpus.txt and world.json (last).
@@ -38,7 +39,7 @@ from llm2clip.data.vocabulary import (
 from llm2clip.errors import InputError
 from llm2clip.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: `long_captions` (a list) replaces `long_caption`
 SPLITS = ("train", "val", "test")
 RGB = {
     "red": (220, 40, 40),
@@ -72,6 +73,7 @@ class SynthConfig:
     min_objects: int = 1
     max_objects: int = 6  # at most 9 (one per grid cell)
     n_captions: int = 4  # short captions per image, 1..5
+    n_long_captions: int = 2  # long captions per image, 1..3, each its own wording and object order
     twin_prob: float = 0.3  # chance that a scene is followed by its attribute-swapped twin
     overwrite: bool = False  # replace a world made with another config
 
@@ -103,6 +105,8 @@ def _check(config: SynthConfig) -> None:
         problems.append(f"need 1 <= min_objects <= max_objects <= 9, got {config.min_objects} and {config.max_objects}")
     if not 1 <= config.n_captions <= 5:
         problems.append(f"n_captions must be in 1..5, got {config.n_captions}")
+    if not 1 <= config.n_long_captions <= 3:
+        problems.append(f"n_long_captions must be in 1..3, got {config.n_long_captions}")
     if not 0.0 <= config.twin_prob <= 1.0:
         problems.append(f"twin_prob must be in 0..1, got {config.twin_prob}")
     for split in SPLITS:
@@ -207,12 +211,13 @@ def _record(picture: Picture, split: str, index: int, config: SynthConfig, boxes
     scene = picture.scene
     captions, captions_fr = short_captions(scene, picture.text_seed, config.n_captions)
     long_en, long_fr = long_caption(scene, picture.text_seed)
+    more_long = [long_caption(scene, f"{picture.text_seed}/long-{k}")[0] for k in range(1, config.n_long_captions)]
     rng = random.Random(f"{config.seed}/{split}/{index}/qa")
     return {
         "id": _id(split, index),
         "image": f"images/{split}/{_id(split, index)}.png",
         "captions": captions,
-        "long_caption": long_en,
+        "long_captions": [long_en, *more_long],
         "captions_fr": captions_fr,
         "long_caption_fr": long_fr,
         "objects": [
@@ -271,7 +276,7 @@ def _llava_finetune(train: list[dict], rng: random.Random) -> list[dict]:
     for r in train:
         turns = [(qa["question"] + SHORT_ANSWER, qa["answer"]) for qa in rng.sample(r["qa"], len(r["qa"]))]
         if rng.random() < 0.25:
-            turns.insert(rng.randrange(len(turns) + 1), (DETAIL_PROMPT, r["long_caption"]))
+            turns.insert(rng.randrange(len(turns) + 1), (DETAIL_PROMPT, r["long_captions"][0]))
         conversations = []
         for i, (question, answer) in enumerate(turns):
             conversations.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + question})
@@ -309,7 +314,7 @@ def _corpus(train: list[dict], rng: random.Random) -> list[str]:
         en, fr = r["captions"], r["captions_fr"]
         picks = rng.sample(range(len(en)), len(en))
         lines += [en[i] for i in picks[:2]] + [fr[i] for i in picks[-2:]]
-        lines += [r["long_caption"], r["long_caption_fr"]]
+        lines += [r["long_captions"][0], r["long_caption_fr"]]
         i = rng.randrange(len(en))
         lines.append(f"{en[i]} = {fr[i]}")
     lines += generic_sentences(rng, n_relations=len(train) // 3)
@@ -377,7 +382,7 @@ def generate_world(config: SynthConfig) -> dict:
         _write_lines(out_dir / "llava" / f"qa_{split}.jsonl", _qa_lines(records[split]))
     _write_lines(out_dir / "corpus.txt", corpus)
 
-    long_words = [len(r["long_caption"].split()) for r in train]
+    long_words = [len(text.split()) for r in train for text in r["long_captions"]]
     summary = {
         "format_version": FORMAT_VERSION,
         "config": settings,
