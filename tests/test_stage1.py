@@ -10,8 +10,17 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from llm2clip.data.records import load_image_texts
 from llm2clip.errors import InputError
-from llm2clip.text.contrastive import CaptionPairs, ContrastiveConfig, train_contrastive
+from llm2clip.text.contrastive import (
+    LONG,
+    SHORT,
+    CaptionPairs,
+    ContrastiveConfig,
+    SameKindBatches,
+    train_contrastive,
+    training_pairs,
+)
 from llm2clip.text.cra import CRAConfig, bag_of_words_cra, caption_retrieval_accuracy, report_cra
 from llm2clip.text.encoder import LLMEncoder
 from llm2clip.text.mntp import MaskedNextTokenCollator, MNTPConfig, corpus_blocks, mask_token_id, train_mntp
@@ -152,12 +161,41 @@ def test_caption_pairs_draw_two_different_captions_then_plain_sentences():
         CaptionPairs([["lonely"]], [], seed=0)
 
 
+def test_long_captions_pair_with_long_captions_only(small_world):
+    config = ContrastiveConfig(data=small_world, corpus=small_world / "corpus.txt", include_long_captions=True)
+    pairs = training_pairs(config)
+    records = load_image_texts(small_world, "train")
+    shorts = {c for r in records for c in r.captions}
+    longs = {c for r in records for c in r.long_captions}
+    assert pairs.kinds.count(LONG) == len(records) and pairs.kinds.count(SHORT) == len(pairs) - len(records)
+    for index, kind in enumerate(pairs.kinds[: len(pairs.groups)]):
+        first, second = pairs[index]
+        assert first != second and {first, second} <= (longs if kind == LONG else shorts)
+    without = training_pairs(ContrastiveConfig(data=small_world, corpus=None))
+    assert set(without.kinds) == {SHORT} and len(without) == len(records)
+
+
+def test_same_kind_batches_keep_each_block_to_one_kind():
+    kinds = [SHORT] * 10 + [LONG] * 7 + [SHORT] * 3
+    sampler = SameKindBatches(kinds, block=4, seed=0)
+    order = list(sampler)
+    assert len(order) == len(sampler) == 16  # 13 short -> 3 blocks, 7 long -> 1 block
+    assert len(set(order)) == 16
+    blocks = [order[i : i + 4] for i in range(0, 16, 4)]
+    assert all(len({kinds[i] for i in block}) == 1 for block in blocks)
+    assert sorted(kinds[block[0]] for block in blocks) == [SHORT, SHORT, SHORT, LONG]
+    assert list(SameKindBatches(kinds, block=4, seed=0)) == order  # the same epoch, the same order
+    sampler.set_epoch(1)
+    assert list(sampler) != order
+
+
 def test_train_contrastive_outputs_load_and_agree(tmp_path, encoder_dir, small_world):
     out = tmp_path / "contrastive"
     config = ContrastiveConfig(model=encoder_dir, data=small_world, corpus=small_world / "corpus.txt",
-                               out_dir=out, max_length=48, train=tiny_train())
+                               include_long_captions=True, out_dir=out, max_length=48, train=tiny_train())
     train_contrastive(config)
     report = json.loads((out / "contrastive_report.json").read_text())
+    assert report["long_caption_pairs"] > 0
     assert report["steps"] == 2 and report["plain_text_pairs"] > 0
     assert json.loads((out / "merged" / "llm2vec_config.json").read_text())["max_length"] == 512
     texts = ["a crimson circle left of a blue box", "two shapes"]

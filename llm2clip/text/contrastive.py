@@ -4,6 +4,12 @@ Two captions of the same image are a positive pair; the other positives in the g
 negatives. Plain-text sentences are mixed in as unsupervised SimCSE pairs (the same sentence twice,
 made different by LoRA dropout). Training starts from the MNTP-merged model with a fresh LoRA.
 
+With `include_long_captions`, an image with two or more long captions also gives a pair of two of
+them. A short caption is never paired with a long one: it names a part of the scene, so matching
+the two would teach the encoder to drop the rest of the long caption. Each global batch holds one
+kind of pair (short, or long), so long captions are contrasted with long ones and short batches
+are not padded to paragraph length.
+
 Outputs under `out_dir`:
     adapter/      the supervised LoRA adapter (llm2vec layout, loads on top of the MNTP-merged model)
     merged/       everything merged: the caption encoder used by stage 2
@@ -13,12 +19,14 @@ Outputs under `out_dir`:
 from __future__ import annotations
 
 import random
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from peft import get_peft_model
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 from transformers import Trainer
 
 from llm2clip.config import config_to_dict
@@ -39,7 +47,7 @@ class ContrastiveConfig:
     corpus: Path | None = Path("runs/world/corpus.txt")  # plain text for unsupervised pairs; null for none
     plain_text_ratio: float = 0.1  # share of training pairs that are plain sentences
     plain_text_max_words: int = 40  # longer corpus lines would pad whole batches to paragraph length
-    include_long_captions: bool = False  # long captions join the short ones as positives
+    include_long_captions: bool = False  # also pair two long captions of an image (never a short with a long)
     out_dir: Path = Path("runs/stage1/contrastive")
     pooling_mode: str = "mean"
     max_length: int = 160  # truncation of training captions; the saved encoder keeps the model's own
@@ -50,14 +58,23 @@ class ContrastiveConfig:
     )
 
 
-class CaptionPairs(Dataset):
-    """Item i is two different captions of image i, or, past the images, one plain sentence twice."""
+SHORT, LONG = 0, 1  # pair kinds
+KIND_NAMES = {SHORT: "short (and plain-text) pairs", LONG: "long-caption pairs"}
 
-    def __init__(self, caption_groups: list[list[str]], sentences: list[str], seed: int):
-        self.groups = [group for group in caption_groups if len(group) >= 2]
-        if not self.groups:
+
+class CaptionPairs(Dataset):
+    """Item i is two different captions of one caption group (an image's short captions, or its long
+    ones), or, past the groups, one plain sentence twice. `kinds[i]` says which kind of pair it is."""
+
+    def __init__(self, caption_groups: list[list[str]], sentences: list[str], seed: int,
+                 group_kinds: list[int] | None = None):
+        group_kinds = group_kinds if group_kinds is not None else [SHORT] * len(caption_groups)
+        kept = [(group, kind) for group, kind in zip(caption_groups, group_kinds, strict=True) if len(group) >= 2]
+        if not kept:
             raise InputError("no image has two captions; caption-contrastive training needs pairs")
+        self.groups = [group for group, _ in kept]
         self.sentences = sentences
+        self.kinds = [kind for _, kind in kept] + [SHORT] * len(sentences)
         self.rng = random.Random(seed)
 
     def __len__(self) -> int:
@@ -69,6 +86,37 @@ class CaptionPairs(Dataset):
             return first, second
         sentence = self.sentences[index - len(self.groups)]
         return sentence, sentence
+
+
+class SameKindBatches(Sampler[int]):
+    """Item indices in blocks of `block` that share a kind; blocks in a fresh random order each epoch.
+
+    `block` is the global batch (per-device batch x ranks), so each rank's share of a step is one kind
+    too. Items of a kind that do not fill a block are left out of that epoch (a different few each time).
+    """
+
+    def __init__(self, kinds: list[int], block: int, seed: int):
+        self.kinds, self.block, self.seed, self.epoch = kinds, block, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _blocks(self) -> list[list[int]]:
+        rng = random.Random(f"{self.seed}/{self.epoch}")
+        blocks = []
+        for kind in sorted(set(self.kinds)):
+            items = [i for i, k in enumerate(self.kinds) if k == kind]
+            rng.shuffle(items)
+            blocks += [items[start : start + self.block] for start in range(0, len(items) - self.block + 1, self.block)]
+        rng.shuffle(blocks)
+        return blocks
+
+    def __iter__(self) -> Iterator[int]:
+        for block in self._blocks():
+            yield from block
+
+    def __len__(self) -> int:
+        return sum(len(block) for block in self._blocks())
 
 
 @dataclass
@@ -90,6 +138,17 @@ class CaptionContrastiveTrainer(Trainer):
         self.encoder = encoder
         self.loss_fn = loss_fn
 
+    def _get_train_sampler(self, train_dataset: Dataset | None = None) -> Sampler:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        block = self.args.per_device_train_batch_size * self.args.world_size
+        too_few = {KIND_NAMES[k]: n for k in set(dataset.kinds) if (n := dataset.kinds.count(k)) < block}
+        if len(too_few) == len(set(dataset.kinds)):
+            raise InputError(f"every kind of pair has fewer pairs than one global batch of {block}: {too_few}; "
+                             "lower the batch size or add data")
+        if too_few:
+            warnings.warn(f"left out of training, fewer pairs than one global batch of {block}: {too_few}", stacklevel=2)
+        return SameKindBatches(dataset.kinds, block, seed=self.args.seed)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         hidden = model(
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], is_causal=False
@@ -102,7 +161,11 @@ class CaptionContrastiveTrainer(Trainer):
 
 def training_pairs(config: ContrastiveConfig) -> CaptionPairs:
     records = load_image_texts(config.data, split=config.split)
-    groups = [r.captions + (r.long_captions if config.include_long_captions else []) for r in records]
+    groups = [r.captions for r in records]
+    kinds = [SHORT] * len(groups)
+    if config.include_long_captions:
+        groups += [r.long_captions for r in records]
+        kinds += [LONG] * len(records)
     sentences: list[str] = []
     if config.corpus is not None and config.plain_text_ratio > 0:
         if not 0 < config.plain_text_ratio < 1:
@@ -110,7 +173,7 @@ def training_pairs(config: ContrastiveConfig) -> CaptionPairs:
         wanted = round(len(groups) * config.plain_text_ratio / (1 - config.plain_text_ratio))
         corpus = [line for line in read_corpus(config.corpus) if len(line.split()) <= config.plain_text_max_words]
         sentences = random.Random(config.train.seed).sample(corpus, min(wanted, len(corpus)))
-    return CaptionPairs(groups, sentences, seed=config.train.seed)
+    return CaptionPairs(groups, sentences, seed=config.train.seed, group_kinds=kinds)
 
 
 def train_contrastive(config: ContrastiveConfig) -> None:
@@ -143,6 +206,7 @@ def train_contrastive(config: ContrastiveConfig) -> None:
         "config": config_to_dict(config),
         "pairs": len(pairs),
         "caption_pairs": len(pairs.groups),
+        "long_caption_pairs": pairs.kinds.count(LONG),
         "plain_text_pairs": len(pairs.sentences),
         "steps": trainer.state.global_step,
         "first_loss": losses[0] if losses else None,
