@@ -286,7 +286,7 @@ def test_eval_command_on_a_tiny_world(tiny, capsys):
     assert report["skipped_images"]["count"] == 1 and "test-00003.png" in report["skipped_images"]["reasons"][0]
     assert list(report["tasks"]) == list(TASKS)
     assert report["tasks"]["retrieval_short"] == {"images": 7, "texts": 28}  # 4 captions per readable image
-    assert report["tasks"]["retrieval_long"] == {"images": 7, "texts": 7}
+    assert report["tasks"]["retrieval_long"] == {"images": 7, "texts": 14}  # 2 long captions per image
     assert report["tasks"]["retrieval_translated"] == {"images": 7, "texts": 28}
     assert report["tasks"]["retrieval_translated_long"] == {"images": 7, "texts": 7}
     assert report["tasks"]["zeroshot"] == {"images": 7, "classes": 6}

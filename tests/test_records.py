@@ -27,8 +27,8 @@ def test_world_directory(world):
     first = train[0]
     assert first.image == world.resolve() / "images" / "train" / "train-00000.png"
     assert first.image.is_file()
-    assert len(first.captions) == 4 and len(first.long_captions) == 1
-    assert len(first.translated) == 5  # four short French captions and the long one
+    assert len(first.captions) == 4 and len(first.long_captions) == 2
+    assert len(first.translated) == 5  # four short French captions and the first long one
     assert {q["type"] for q in first.qa} >= {"count", "position", "size", "yesno"}
     assert len(load_image_texts(world, split="test")) == 4
     assert len(load_image_texts(world, split=None)) == 20

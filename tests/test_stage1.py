@@ -21,7 +21,7 @@ from llm2clip.text.contrastive import (
     train_contrastive,
     training_pairs,
 )
-from llm2clip.text.cra import CRAConfig, bag_of_words_cra, caption_retrieval_accuracy, report_cra
+from llm2clip.text.cra import CRAConfig, bag_of_words_cra, caption_pairs, caption_retrieval_accuracy, report_cra
 from llm2clip.text.encoder import LLMEncoder
 from llm2clip.text.mntp import MaskedNextTokenCollator, MNTPConfig, corpus_blocks, mask_token_id, train_mntp
 from llm2clip.training import TrainSettings
@@ -236,9 +236,22 @@ def test_report_cra_for_a_model_and_the_bag_of_words(tmp_path, encoder_dir, smal
     assert set(report["cra"]) == {"bag of words", str(encoder_dir)}
     assert report["images"] == 20
     assert json.loads(out.read_text()) == report
-    assert "CRA on 20 train images" in capsys.readouterr().out
-    with pytest.raises(InputError, match="has 9 captions"):
+    assert "CRA (short captions) on 20 train images" in capsys.readouterr().out
+    with pytest.raises(InputError, match="has 9 short captions"):
         report_cra(CRAConfig(model=None, data=small_world, split="train", caption_b=8))
+
+
+def test_report_cra_on_long_captions(small_world, capsys):
+    a_texts, b_texts = caption_pairs(CRAConfig(data=small_world, split="train", kind="long"))
+    records = load_image_texts(small_world, "train")
+    assert (a_texts, b_texts) == ([r.long_captions[0] for r in records], [r.long_captions[1] for r in records])
+    report = report_cra(CRAConfig(model=None, data=small_world, split="train", kind="long"))
+    assert report["kind"] == "long" and 0 < report["cra"]["bag of words"] <= 1
+    assert "CRA (long captions) on 20 train images" in capsys.readouterr().out
+    with pytest.raises(InputError, match="has 3 long captions"):
+        report_cra(CRAConfig(data=small_world, split="train", kind="long", caption_b=2))
+    with pytest.raises(InputError, match="kind must be short or long"):
+        report_cra(CRAConfig(data=small_world, kind="medium"))
 
 
 def test_stage1_outputs_are_plain_directories(tmp_path, encoder_dir):

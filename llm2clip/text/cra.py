@@ -26,6 +26,7 @@ class CRAConfig:
     model: list[str] | None = None  # one or more encoder directories (comma-separated on the command line)
     data: Path = Path("runs/world")
     split: str = "test"
+    kind: str = "short"  # short | long: which captions of each image form the pairs
     caption_a: int = 0  # which caption of each image is A
     caption_b: int = 1  # and which is B
     max_images: int | None = None
@@ -61,13 +62,15 @@ def bag_of_words_cra(a_texts: list[str], b_texts: list[str]) -> float:
 
 
 def caption_pairs(config: CRAConfig) -> tuple[list[str], list[str]]:
+    if config.kind not in ("short", "long"):
+        raise InputError(f"kind must be short or long, got {config.kind!r}")
     records = load_image_texts(config.data, split=config.split)
+    captions = [r.captions if config.kind == "short" else r.long_captions for r in records]
     needed = max(config.caption_a, config.caption_b) + 1
-    usable = [r for r in records if len(r.captions) >= needed]
+    usable = [texts for texts in captions if len(texts) >= needed][: config.max_images]
     if not usable:
-        raise InputError(f"no image in {config.data} ({config.split}) has {needed} captions")
-    usable = usable[: config.max_images]
-    return [r.captions[config.caption_a] for r in usable], [r.captions[config.caption_b] for r in usable]
+        raise InputError(f"no image in {config.data} ({config.split}) has {needed} {config.kind} captions")
+    return [texts[config.caption_a] for texts in usable], [texts[config.caption_b] for texts in usable]
 
 
 def model_cra(model_dir: str, a_texts: list[str], b_texts: list[str], config: CRAConfig) -> float:
@@ -83,9 +86,10 @@ def report_cra(config: CRAConfig) -> dict:
     rows = {"bag of words": bag_of_words_cra(a_texts, b_texts)}
     for model_dir in config.model or []:
         rows[model_dir] = model_cra(model_dir, a_texts, b_texts, config)
-    report = {"data": str(config.data), "split": config.split, "images": len(a_texts), "chance": 1 / len(a_texts), "cra": rows}
+    report = {"data": str(config.data), "split": config.split, "kind": config.kind, "images": len(a_texts),
+              "chance": 1 / len(a_texts), "cra": rows}
     width = max(len(name) for name in rows)
-    print(f"CRA on {len(a_texts)} {config.split} images (chance {100 / len(a_texts):.2f}%)")
+    print(f"CRA ({config.kind} captions) on {len(a_texts)} {config.split} images (chance {100 / len(a_texts):.2f}%)")
     for name, value in rows.items():
         print(f"  {name:<{width}}  {100 * value:6.2f}%")
     if config.out is not None:
