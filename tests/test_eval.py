@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from llm2clip.clip import LLM2CLIPConfig, LLM2CLIPModel
 from llm2clip.config import load_config
 from llm2clip.data.synth import SynthConfig, generate_world
 from llm2clip.data.vocabulary import SHAPES
+from llm2clip.embed import weight_hash
 from llm2clip.errors import InputError
 from llm2clip.eval.metrics import hit_rate, retrieval_recall, zeroshot_accuracy
 from llm2clip.eval.report import markdown
@@ -265,6 +267,20 @@ def test_llm2clip_tower_needs_a_matching_text_encoder(tiny, tmp_path):
         load_tower(tmp_path / "m")
     with pytest.raises(InputError, match="gives 32-dim embeddings but the LLM2CLIP adapter expects 24"):
         load_tower(tmp_path / "m", text_encoder=tiny["llm"])
+
+
+def test_llm2clip_tower_refuses_another_encoder_and_keeps_the_cache_settings(tiny, tmp_path):
+    config = LLM2CLIPConfig.from_pretrained(tiny["llm2clip"])
+    config.text_encoder_fingerprint = weight_hash(tiny["llm"])
+    config.text_encoder_max_length = 20
+    model = LLM2CLIPModel.from_pretrained(tiny["llm2clip"], config=config)
+    model.save_pretrained(tmp_path / "same")
+    tower = load_tower(tmp_path / "same")
+    assert tower.encoder.max_length == 20  # as the cache embedded the captions, not the encoder's own 512
+    other = shutil.copytree(tiny["llm"], tmp_path / "other-encoder")
+    (other / "llm2vec_config.json").write_text(json.dumps({"pooling_mode": "eos_token"}))
+    with pytest.raises(InputError, match="trained on the embeddings of an encoder with fingerprint"):
+        load_tower(tmp_path / "same", text_encoder=other)
 
 
 def test_unknown_model_type(tmp_path):

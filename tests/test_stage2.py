@@ -34,7 +34,7 @@ from llm2clip.clip import LLM2CLIPConfig, LLM2CLIPModel
 from llm2clip.config import load_config
 from llm2clip.data.records import load_image_texts
 from llm2clip.embed.build import EmbedConfig, build_cache
-from llm2clip.embed.cache import EmbeddingCache
+from llm2clip.embed.cache import EmbeddingCache, weight_hash
 from llm2clip.errors import InputError
 from llm2clip.stage2.data import (
     CacheRows,
@@ -283,6 +283,10 @@ def test_llm2clip_run_writes_outputs_and_resumes(small_world, cache_dir, encoder
     model = AutoModel.from_pretrained(out / "final")
     assert isinstance(model, LLM2CLIPModel)
     assert model.config.text_encoder_name_or_path == str(encoder_dir.resolve())
+    manifest = EmbeddingCache(cache_dir).manifest
+    assert model.config.text_encoder_fingerprint == manifest["weight_hash"] == weight_hash(encoder_dir)
+    assert (model.config.text_encoder_pooling_mode, model.config.text_encoder_max_length) == (
+        manifest["pooling_mode"], manifest["max_length"])
     assert model.config.text_embed_dim == EmbeddingCache(cache_dir).dim
     assert AutoImageProcessor.from_pretrained(out / "final").crop_size["height"] == 32
     tower = CLIPVisionModel.from_pretrained(out / "vision_tower")

@@ -30,6 +30,13 @@ class LLM2CLIPConfig(PreTrainedConfig):
         Initial logit bias of the sigmoid loss.
     initializer_range (`float`, defaults to 0.02):
         Standard deviation of the adapter's initial weights.
+    text_encoder_name_or_path (`str`, *optional*):
+        The LLM caption encoder whose embeddings the adapter was trained on (stage 2 fills it in).
+    text_encoder_fingerprint (`str`, *optional*):
+        Fingerprint of that encoder's weights and settings (`llm2clip.embed.weight_hash`); evaluation
+        refuses an encoder with another fingerprint.
+    text_encoder_pooling_mode (`str`, *optional*) and text_encoder_max_length (`int`, *optional*):
+        The pooling and truncation the embeddings were made with, when they override the encoder's own.
     """
 
     model_type = "llm2clip"
@@ -45,6 +52,10 @@ class LLM2CLIPConfig(PreTrainedConfig):
     loss: Literal["clip", "siglip"] = "clip"
     logit_bias_init_value: float | int = -10.0
     initializer_range: float = 0.02
+    text_encoder_name_or_path: str | None = None
+    text_encoder_fingerprint: str | None = None
+    text_encoder_pooling_mode: str | None = None
+    text_encoder_max_length: int | None = None
 
     def validate_llm2clip(self):
         """Part of `@strict` validation: sizes must make a model."""

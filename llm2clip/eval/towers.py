@@ -125,7 +125,8 @@ def load_tower(
     """The tower for a checkpoint directory: LLM2CLIP ("llm2clip") or a plain CLIPModel ("clip").
 
     An LLM2CLIP model needs its LLM caption encoder: `text_encoder`, else the checkpoint config's
-    `text_encoder_name_or_path`.
+    `text_encoder_name_or_path`. It must be the encoder the model was trained on (same fingerprint), and
+    it embeds with the pooling and max length the training cache used.
     """
     model_dir = Path(model_dir)
     config_file = model_dir / "config.json"
@@ -135,6 +136,7 @@ def load_tower(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if model_type == "llm2clip":
         from llm2clip.clip import LLM2CLIPModel
+        from llm2clip.embed import weight_hash
         from llm2clip.text.encoder import LLMEncoder
 
         model = LLM2CLIPModel.from_pretrained(model_dir).to(device)
@@ -144,7 +146,14 @@ def load_tower(
                              "give the LLM caption encoder directory with text_encoder=DIR")
         if not Path(text_encoder).is_dir():
             raise InputError(f"{model_dir}: text encoder directory not found: {text_encoder}")
-        encoder = LLMEncoder.from_pretrained(text_encoder, device=device)
+        trained_on = model.config.text_encoder_fingerprint
+        if trained_on is not None and (found := weight_hash(text_encoder)) != trained_on:
+            raise InputError(f"{model_dir} was trained on the embeddings of an encoder with fingerprint "
+                             f"{trained_on[:12]} ({model.config.text_encoder_name_or_path}), but {text_encoder} has "
+                             f"{found[:12]} (other weights or settings); give that encoder with text_encoder=DIR")
+        encoder = LLMEncoder.from_pretrained(text_encoder, device=device,
+                                             pooling_mode=model.config.text_encoder_pooling_mode,
+                                             max_length=model.config.text_encoder_max_length)
         processor = image_processor(model_dir, model.config.vision_config.image_size)
         return LLM2CLIPTower(model, processor, encoder, batch_size)
     if model_type == "clip":

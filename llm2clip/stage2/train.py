@@ -213,7 +213,11 @@ def train_stage2(config: Stage2Config) -> dict:
     set_seed(config.train.seed)
     model = build_model(config, cache.dim if cache else None, tokenizer)
     if cache is not None:
-        model.config.text_encoder_name_or_path = cache.manifest["encoder"]  # so eval can embed new captions
+        manifest = cache.manifest  # so eval embeds new captions as the cache did, with this encoder only
+        model.config.text_encoder_name_or_path = manifest["encoder"]
+        model.config.text_encoder_fingerprint = manifest["weight_hash"]
+        model.config.text_encoder_pooling_mode = manifest["pooling_mode"]
+        model.config.text_encoder_max_length = manifest["max_length"]
     processor = _image_processor(config.vision, model.config.vision_config.image_size)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"stage2: {config.model_type} model, {trainable / 1e6:.2f}M trainable of "
