@@ -174,12 +174,12 @@ def test_caption_hash_depends_on_text_kind_and_order():
 def test_validate_names_what_does_not_match(cache_dir, tmp_path, world, encoder_dir, other_encoder_dir):
     cache = EmbeddingCache(cache_dir)
     records = load_image_texts(world, "train")
-    with pytest.raises(InputError, match=r"another dataset: caption count differs: .* \(split val, 4 images\) has 40"):
+    with pytest.raises(InputError, match=r"another dataset: caption count differs: .* \(split val, 4 images\) has 44"):
         cache.validate(world, "val", load_image_texts(world, "val"))
     edited = [ImageText(image=r.image, captions=list(r.captions), long_captions=r.long_captions,
                         translated=r.translated) for r in records]
     edited[5].captions[0] = "a different caption"
-    with pytest.raises(InputError, match="another dataset: caption hash differs .* both have 300 captions"):
+    with pytest.raises(InputError, match="another dataset: caption hash differs .* both have 330 captions"):
         cache.validate(world, "train", edited)
     with pytest.raises(InputError, match=rf"another encoder or encoder settings: .* differs \({encoder_dir} had .*, "
                                          rf"{other_encoder_dir} has"):
@@ -223,7 +223,7 @@ def test_another_encoder_or_dataset_needs_overwrite(tmp_path, world, encoder_dir
     first = set(shard_times(out))
     with pytest.raises(InputError, match=rf"built differently \(encoder: the cache has {encoder_dir} .*overwrite=true"):
         build_cache(config(other_encoder_dir, world, out, max_images=4))
-    with pytest.raises(InputError, match=r"captions: the cache has 40 of .* not the 50 of"):
+    with pytest.raises(InputError, match=r"captions: the cache has 44 of .* not the 55 of"):
         build_cache(config(encoder_dir, world, out, max_images=5))
     assert set(shard_times(out)) == first
 
@@ -262,7 +262,7 @@ def test_two_ranks_give_the_same_cache(tmp_path, cache_dir, world, encoder_dir):
          "max_length=64"],
         check=True, env=env, timeout=300, capture_output=True, text=True,
     )
-    assert "encoded 300 of 300 rows" in run.stdout and "on 2 rank(s)" in run.stdout
+    assert "encoded 330 of 330 rows" in run.stdout and "on 2 rank(s)" in run.stdout
     assert_same_cache(out, cache_dir)
 
 
@@ -282,7 +282,7 @@ def test_sigkill_then_rerun_completes_the_cache(tmp_path, world, encoder_dir):
         process.wait()
     assert not json.loads((out / "manifest.json").read_text())["complete"]
     before = shard_times(out)
-    assert 1 <= len(before) < 38
+    assert 1 <= len(before) < 42
     subprocess.run(command, check=True, timeout=300)
     after = shard_times(out)
     assert {name: after[name] for name in before} == before  # the shards written before the kill are kept
@@ -291,8 +291,8 @@ def test_sigkill_then_rerun_completes_the_cache(tmp_path, world, encoder_dir):
     build_cache(config(encoder_dir, world, reference, shard_size=8))
     assert_same_cache(out, reference)
     cache = EmbeddingCache(out)
-    assert not cache.missing() and len(cache) == 300
-    assert np.bincount(cache.row_image, minlength=30).tolist() == [10] * 30  # every row once, image by image
+    assert not cache.missing() and len(cache) == 330
+    assert np.bincount(cache.row_image, minlength=30).tolist() == [11] * 30  # every row once, image by image
     assert not list(out.glob(".*.tmp"))
 
 
