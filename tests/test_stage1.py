@@ -187,6 +187,10 @@ def test_same_kind_batches_keep_each_block_to_one_kind():
     assert list(SameKindBatches(kinds, block=4, seed=0)) == order  # the same epoch, the same order
     sampler.set_epoch(1)
     assert list(sampler) != order
+    with pytest.warns(UserWarning, match="long-caption pairs"):
+        assert len(SameKindBatches(kinds, block=8, seed=0)) == 8  # 13 short -> 1 block; 7 long fill none
+    with pytest.raises(InputError, match="every kind of pair has fewer pairs than one global batch of 16"):
+        SameKindBatches(kinds, block=16, seed=0)
 
 
 def test_train_contrastive_outputs_load_and_agree(tmp_path, encoder_dir, small_world):

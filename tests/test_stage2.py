@@ -283,11 +283,11 @@ def test_llm2clip_run_writes_outputs_and_resumes(small_world, cache_dir, encoder
     model = AutoModel.from_pretrained(out / "final")
     assert isinstance(model, LLM2CLIPModel)
     assert model.config.text_encoder_name_or_path == str(encoder_dir.resolve())
-    manifest = EmbeddingCache(cache_dir).manifest
-    assert model.config.text_encoder_fingerprint == manifest["weight_hash"] == weight_hash(encoder_dir)
+    cache = EmbeddingCache(cache_dir)
+    assert model.config.text_encoder_fingerprint == cache.manifest["weight_hash"] == weight_hash(encoder_dir)
     assert (model.config.text_encoder_pooling_mode, model.config.text_encoder_max_length) == (
-        manifest["pooling_mode"], manifest["max_length"])
-    assert model.config.text_embed_dim == EmbeddingCache(cache_dir).dim
+        cache.manifest["pooling_mode"], cache.manifest["max_length"])
+    assert model.config.text_embed_dim == cache.dim
     assert AutoImageProcessor.from_pretrained(out / "final").crop_size["height"] == 32
     tower = CLIPVisionModel.from_pretrained(out / "vision_tower")
     torch.testing.assert_close(tower.state_dict()["embeddings.patch_embedding.weight"],

@@ -92,11 +92,19 @@ class SameKindBatches(Sampler[int]):
     """Item indices in blocks of `block` that share a kind; blocks in a fresh random order each epoch.
 
     `block` is the global batch (per-device batch x ranks), so each rank's share of a step is one kind
-    too. Items of a kind that do not fill a block are left out of that epoch (a different few each time).
+    too. Items of a kind that do not fill a block are left out of that epoch (a different few each time);
+    a kind with fewer items than one block is left out altogether, with a warning.
     """
 
     def __init__(self, kinds: list[int], block: int, seed: int):
-        self.kinds, self.block, self.seed, self.epoch = kinds, block, seed, 0
+        self.block, self.seed, self.epoch = block, seed, 0
+        self.by_kind = {kind: [i for i, k in enumerate(kinds) if k == kind] for kind in sorted(set(kinds))}
+        too_few = {KIND_NAMES[k]: len(items) for k, items in self.by_kind.items() if len(items) < block}
+        if len(too_few) == len(self.by_kind):
+            raise InputError(f"every kind of pair has fewer pairs than one global batch of {block}: {too_few}; "
+                             "lower the batch size or add data")
+        if too_few:
+            warnings.warn(f"left out of training, fewer pairs than one global batch of {block}: {too_few}", stacklevel=3)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -104,8 +112,8 @@ class SameKindBatches(Sampler[int]):
     def _blocks(self) -> list[list[int]]:
         rng = random.Random(f"{self.seed}/{self.epoch}")
         blocks = []
-        for kind in sorted(set(self.kinds)):
-            items = [i for i, k in enumerate(self.kinds) if k == kind]
+        for items in self.by_kind.values():
+            items = list(items)
             rng.shuffle(items)
             blocks += [items[start : start + self.block] for start in range(0, len(items) - self.block + 1, self.block)]
         rng.shuffle(blocks)
@@ -116,7 +124,7 @@ class SameKindBatches(Sampler[int]):
             yield from block
 
     def __len__(self) -> int:
-        return sum(len(block) for block in self._blocks())
+        return sum(len(items) // self.block * self.block for items in self.by_kind.values())
 
 
 @dataclass
@@ -141,12 +149,6 @@ class CaptionContrastiveTrainer(Trainer):
     def _get_train_sampler(self, train_dataset: Dataset | None = None) -> Sampler:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         block = self.args.per_device_train_batch_size * self.args.world_size
-        too_few = {KIND_NAMES[k]: n for k in set(dataset.kinds) if (n := dataset.kinds.count(k)) < block}
-        if len(too_few) == len(set(dataset.kinds)):
-            raise InputError(f"every kind of pair has fewer pairs than one global batch of {block}: {too_few}; "
-                             "lower the batch size or add data")
-        if too_few:
-            warnings.warn(f"left out of training, fewer pairs than one global batch of {block}: {too_few}", stacklevel=2)
         return SameKindBatches(dataset.kinds, block, seed=self.args.seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
