@@ -110,6 +110,33 @@ def test_save_and_auto_load_round_trip_in_safetensors(tmp_path):
     assert loaded.logit_scale.item() == 3.0 and loaded.logit_bias.item() == -4.0
 
 
+def test_whitening_applies_before_the_adapter_and_survives_save_and_load(tmp_path):
+    model = tiny_model(adapter_whitening=True)
+    _, embeddings = inputs()
+    unwhitened = tiny_model()
+    assert torch.equal(model.get_text_features(embeddings), unwhitened.get_text_features(embeddings))  # identity
+
+    generator = torch.Generator().manual_seed(2)
+    mean, matrix = torch.randn(24, generator=generator), torch.randn(24, 24, generator=generator)
+    model.set_whitening(mean, matrix)
+    expected = unwhitened.get_text_features((embeddings - mean) @ matrix)
+    torch.testing.assert_close(model.get_text_features(embeddings), expected)
+
+    model.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.adapter_whitening
+    assert torch.equal(loaded.text_adapter.input_mean, mean)
+    assert torch.equal(loaded.text_adapter.input_whitening, matrix)
+    assert torch.equal(loaded.get_text_features(embeddings), model.get_text_features(embeddings))
+
+
+def test_set_whitening_checks_the_model_and_the_shapes():
+    with pytest.raises(InputError, match="built without adapter_whitening"):
+        tiny_model().set_whitening(torch.zeros(24), torch.eye(24))
+    with pytest.raises(InputError, match=r"\(23,\) and \(24, 24\) does not fit text_embed_dim 24"):
+        tiny_model(adapter_whitening=True).set_whitening(torch.zeros(23), torch.eye(24))
+
+
 def _tiny_clip() -> CLIPModel:
     torch.manual_seed(2)
     text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,

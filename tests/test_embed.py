@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from llm2clip.cli import main
 from llm2clip.config import load_config
@@ -299,3 +300,67 @@ def test_sigkill_then_rerun_completes_the_cache(tmp_path, world, encoder_dir):
 def test_shipped_config_is_the_default():
     shipped = Path(__file__).resolve().parents[1] / "configs" / "tiny-embed.yaml"
     assert load_config(EmbedConfig, shipped) == EmbedConfig()
+
+
+# --- whitening statistics ------------------------------------------------------------------------
+
+def weighted_reference(cache: EmbeddingCache, kind_weights: dict[str, float], relative_eps: float):
+    """Mean and ZCA matrix from every row at once, in numpy (each kind's rows share its weight)."""
+    x = cache.embeddings(np.arange(len(cache)), dtype=np.float64)
+    kinds = np.asarray(cache.row_kind)
+    w = np.zeros(len(cache))
+    for kind, weight in kind_weights.items():
+        pick = kinds == KINDS.index(kind)
+        w[pick] = weight / pick.sum()
+    w /= w.sum()
+    mean = w @ x
+    covariance = (x - mean).T @ ((x - mean) * w[:, None])
+    values, vectors = np.linalg.eigh(covariance)
+    values = values.clip(min=0)
+    return mean, vectors @ np.diag((values + relative_eps * values[-1]) ** -0.5) @ vectors.T
+
+
+def test_whitening_matches_a_one_pass_reference(cache_dir, monkeypatch):
+    import llm2clip.embed.whitening as whitening
+
+    monkeypatch.setattr(whitening, "CHUNK_ROWS", 7)  # many chunks across shard borders
+    cache = EmbeddingCache(cache_dir)
+    weights = {"short": 1.0, "long": 3.0}
+    mean, matrix = whitening.fit_whitening(cache, weights, relative_eps=1e-3)
+    ref_mean, ref_matrix = weighted_reference(cache, weights, 1e-3)
+    np.testing.assert_allclose(mean.numpy(), ref_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(matrix.numpy(), ref_matrix, rtol=1e-4, atol=1e-4)
+    # The kinds count by their weights, not by their row counts.
+    kinds = np.asarray(cache.row_kind)
+    rows = cache.embeddings(np.arange(len(cache)), dtype=np.float64)
+    kind_mean = {k: rows[kinds == KINDS.index(k)].mean(0) for k in weights}
+    np.testing.assert_allclose(mean.numpy(), 0.25 * kind_mean["short"] + 0.75 * kind_mean["long"], atol=1e-5)
+
+
+def test_whitened_rows_have_unit_covariance_where_they_vary(cache_dir):
+    import llm2clip.embed.whitening as whitening
+
+    cache = EmbeddingCache(cache_dir)
+    mean, matrix = whitening.fit_whitening(cache, {"short": 1.0}, relative_eps=1e-9)
+    short = cache.embeddings(np.flatnonzero(np.asarray(cache.row_kind) == KINDS.index("short")), dtype=np.float64)
+    white = (short - mean.double().numpy()) @ matrix.double().numpy()
+    covariance = white.T @ white / len(white)
+    eigenvalues = np.linalg.eigvalsh(covariance)
+    rank = np.linalg.matrix_rank(short - short.mean(0), tol=1e-6 * np.abs(short).max())
+    np.testing.assert_allclose(eigenvalues[-rank:], 1.0, atol=1e-2)  # the directions the rows span
+    np.testing.assert_allclose(white.mean(0), 0.0, atol=1e-4)
+
+
+def test_whitening_subsamples_and_rejects_bad_input(cache_dir):
+    import llm2clip.embed.whitening as whitening
+
+    cache = EmbeddingCache(cache_dir)
+    mean, matrix = whitening.fit_whitening(cache, {"short": 1.0, "long": 1.0}, max_rows=40, seed=3)
+    assert mean.shape == (cache.dim,) and matrix.shape == (cache.dim, cache.dim)
+    assert torch.allclose(matrix, matrix.T, atol=1e-5)
+    again, _ = whitening.fit_whitening(cache, {"short": 1.0, "long": 1.0}, max_rows=40, seed=3)
+    assert torch.equal(mean, again)
+    with pytest.raises(InputError, match="eps must lie in"):
+        whitening.fit_whitening(cache, {"short": 1.0}, relative_eps=0)
+    with pytest.raises(InputError, match="no rows of the kinds short"):
+        whitening.fit_whitening(cache, {"short": 0.0})

@@ -35,6 +35,7 @@ from llm2clip.config import load_config
 from llm2clip.data.records import load_image_texts
 from llm2clip.embed.build import EmbedConfig, build_cache
 from llm2clip.embed.cache import EmbeddingCache, weight_hash
+from llm2clip.embed.whitening import fit_whitening
 from llm2clip.errors import InputError
 from llm2clip.stage2.data import (
     CacheRows,
@@ -288,6 +289,9 @@ def test_llm2clip_run_writes_outputs_and_resumes(small_world, cache_dir, encoder
     assert (model.config.text_encoder_pooling_mode, model.config.text_encoder_max_length) == (
         cache.manifest["pooling_mode"], cache.manifest["max_length"])
     assert model.config.text_embed_dim == cache.dim
+    mean, matrix = fit_whitening(cache, {"short": 0.5, "long": 0.5})  # the default caption mix
+    torch.testing.assert_close(model.text_adapter.input_mean, mean)
+    torch.testing.assert_close(model.text_adapter.input_whitening, matrix)
     assert AutoImageProcessor.from_pretrained(out / "final").crop_size["height"] == 32
     tower = CLIPVisionModel.from_pretrained(out / "vision_tower")
     torch.testing.assert_close(tower.state_dict()["embeddings.patch_embedding.weight"],
@@ -397,6 +401,7 @@ def test_caption_kind_the_cache_lacks(small_world, encoder_dir, tmp_path):
     (["model_type=clip", "loss=siglip"], "baseline trains with loss: clip"),
     (["caption_mix={{short: 1, klingon: 1}}"], "unknown kind"),
     (["shards={tmp}/none-*.tar"], "matches no tar file"),
+    (["adapter.whiten_eps=0"], "whitening eps must lie in"),
 ])
 def test_bad_settings(small_world, cache_dir, encoder_dir, tmp_path, overrides, message):
     config = tiny(small_world, cache_dir, encoder_dir, tmp_path / "out", *(o.format(tmp=tmp_path) for o in overrides))

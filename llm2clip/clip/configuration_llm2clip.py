@@ -18,6 +18,9 @@ class LLM2CLIPConfig(PreTrainedConfig):
         Inner width of each residual MLP block of the text adapter.
     adapter_depth (`int`, defaults to 4):
         Number of residual MLP blocks; 0 leaves a LayerNorm and the projection.
+    adapter_whitening (`bool`, defaults to `False`):
+        Whiten the LLM embeddings before the adapter: x -> (x - mean) @ W, with the mean and matrix held as
+        buffers in the checkpoint (stage 2 fits them on its cache, `llm2clip.embed.whitening`).
     projection_dim (`int`, defaults to 1280):
         Dimension of the shared image-text space.
     logit_scale_init_value (`float`, defaults to log(1/0.07)):
@@ -46,6 +49,7 @@ class LLM2CLIPConfig(PreTrainedConfig):
     text_embed_dim: int = 4096
     adapter_hidden_dim: int = 4096
     adapter_depth: int = 4
+    adapter_whitening: bool = False
     projection_dim: int = 1280
     logit_scale_init_value: float | int = math.log(1 / 0.07)
     logit_scale_max: float | int = math.log(100)

@@ -56,16 +56,22 @@ class ResidualMLP(nn.Module):
 
 
 class LLM2CLIPTextAdapter(nn.Module):
-    """`adapter_depth` residual MLP blocks over the LLM embedding, then a LayerNorm."""
+    """Optional whitening, `adapter_depth` residual MLP blocks over the LLM embedding, then a LayerNorm."""
 
     def __init__(self, config: LLM2CLIPConfig):
         super().__init__()
+        self.whitening = config.adapter_whitening
+        if self.whitening:  # identity until `set_whitening`; saved with the weights
+            self.register_buffer("input_mean", torch.zeros(config.text_embed_dim))
+            self.register_buffer("input_whitening", torch.eye(config.text_embed_dim))
         self.blocks = nn.ModuleList(
             ResidualMLP(config.text_embed_dim, config.adapter_hidden_dim) for _ in range(config.adapter_depth)
         )
         self.norm = nn.LayerNorm(config.text_embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.whitening:
+            x = (x - self.input_mean) @ self.input_whitening
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
@@ -98,6 +104,9 @@ class LLM2CLIPModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)  # adapter Linear: normal(initializer_range), LayerNorm: identity
+        if isinstance(module, LLM2CLIPTextAdapter) and module.whitening:
+            init.zeros_(module.input_mean)
+            init.eye_(module.input_whitening)
         if isinstance(module, LLM2CLIPModel):
             init.normal_(module.visual_projection.weight, std=self.config.vision_config.hidden_size**-0.5)
             init.normal_(module.text_projection.weight, std=self.config.text_embed_dim**-0.5)
@@ -129,6 +138,18 @@ class LLM2CLIPModel(PreTrainedModel):
         model = cls(LLM2CLIPConfig(vision_config=tower.config.to_dict(), **config_kwargs))
         model.vision_model.load_state_dict(tower.state_dict())
         return model
+
+    @torch.no_grad()
+    def set_whitening(self, mean: torch.Tensor, matrix: torch.Tensor) -> None:
+        """Set the adapter's input whitening, x -> (x - mean) @ matrix (`llm2clip.embed.fit_whitening`)."""
+        if not self.config.adapter_whitening:
+            raise InputError("this model was built without adapter_whitening; set it in LLM2CLIPConfig")
+        dim = self.config.text_embed_dim
+        if tuple(mean.shape) != (dim,) or tuple(matrix.shape) != (dim, dim):
+            raise InputError(f"whitening of shape {tuple(mean.shape)} and {tuple(matrix.shape)} does not fit "
+                             f"text_embed_dim {dim}")
+        self.text_adapter.input_mean.copy_(mean)
+        self.text_adapter.input_whitening.copy_(matrix)
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] pixels -> [B, projection_dim], the projected post-LayerNorm CLS token (not normalised)."""

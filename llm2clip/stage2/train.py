@@ -46,6 +46,7 @@ from llm2clip.clip.modeling_llm2clip import clip_image_processor
 from llm2clip.config import config_to_dict
 from llm2clip.data.records import ImageText, load_image_texts
 from llm2clip.embed.cache import EmbeddingCache
+from llm2clip.embed.whitening import fit_whitening
 from llm2clip.errors import InputError
 from llm2clip.fileio import atomic_dir, atomic_write_json, replace_dir
 from llm2clip.losses import ClipLoss, SigLipLoss
@@ -87,6 +88,8 @@ class AdapterSettings:  # llm2clip only
     input_dim: int | None = None  # LLM embedding dim; None: the cache's
     depth: int = 2
     hidden_dim: int = 512
+    whiten: bool = True  # whiten the cached embeddings first (fitted on the cache; README: long R@1 15.6 -> 30.0)
+    whiten_eps: float = 1e-3  # added to each eigenvalue, as a fraction of the largest
 
 
 @dataclass
@@ -218,6 +221,9 @@ def train_stage2(config: Stage2Config) -> dict:
         model.config.text_encoder_fingerprint = manifest["weight_hash"]
         model.config.text_encoder_pooling_mode = manifest["pooling_mode"]
         model.config.text_encoder_max_length = manifest["max_length"]
+        if config.adapter.whiten:
+            model.set_whitening(*fit_whitening(cache, mix.weights, config.adapter.whiten_eps, device=args.device))
+            say(f"stage2: the adapter whitens its input (fitted on the cache's {', '.join(mix.kinds)} rows)")
     processor = _image_processor(config.vision, model.config.vision_config.image_size)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"stage2: {config.model_type} model, {trainable / 1e6:.2f}M trainable of "
@@ -342,7 +348,8 @@ def build_model(config: Stage2Config, text_dim: int | None,
     vision = config.vision
     if config.model_type == "llm2clip":
         sizes = {"text_embed_dim": text_dim, "adapter_hidden_dim": config.adapter.hidden_dim,
-                 "adapter_depth": config.adapter.depth, "projection_dim": config.projection_dim, "loss": config.loss}
+                 "adapter_depth": config.adapter.depth, "adapter_whitening": config.adapter.whiten,
+                 "projection_dim": config.projection_dim, "loss": config.loss}
         if vision.pretrained is not None:
             model = LLM2CLIPModel.from_vision_pretrained(vision.pretrained, **sizes)
         else:
