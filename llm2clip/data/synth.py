@@ -39,7 +39,7 @@ from llm2clip.data.vocabulary import (
 from llm2clip.errors import InputError
 from llm2clip.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-FORMAT_VERSION = 2  # 2: `long_captions` (a list) replaces `long_caption`
+FORMAT_VERSION = 3  # 2: `long_captions` (a list) replaces `long_caption`; 3: relations follow each object
 SPLITS = ("train", "val", "test")
 RGB = {
     "red": (220, 40, 40),
@@ -358,7 +358,9 @@ def generate_world(config: SynthConfig) -> dict:
             print(f"synth: {out_dir} already holds this world (same config); nothing to do")
             return existing
         if not same and not config.overwrite:
-            raise InputError(f"{out_dir} holds a world made with another config; choose another out_dir or set overwrite=true")
+            raise InputError(f"{out_dir} holds a world made with another config or generator version "
+                             f"(format {existing.get('format_version')}, now {FORMAT_VERSION}); "
+                             "choose another out_dir or set overwrite=true")
         (out_dir / "world.json").unlink()
         shutil.rmtree(out_dir / "images", ignore_errors=True)
 

@@ -334,8 +334,9 @@ def short_captions(scene: Scene, seed: str, n: int) -> tuple[list[str], list[str
 
 
 def long_caption(scene: Scene, seed: str) -> tuple[str, str]:
-    """A dense description of every object (size, colour, shape, position) and of relations
-    between neighbours in the order described, in English and French."""
+    """A dense description of every object (size, colour, shape, position), each after the first
+    followed by its relation to the previous one, in English and French. Objects are described in a
+    random order, so in a busy scene those past CLIP's 77 tokens are any of them."""
     p = Picker(f"{seed}/long")
     objects = scene.objects
     order = [int(i) for i in p.order("objects", [str(i) for i in range(len(objects))])]
@@ -347,12 +348,13 @@ def long_caption(scene: Scene, seed: str) -> tuple[str, str]:
             obj = objects[i]
             template = p.pick(f"object/{j}", LONG_OBJECT)[k]
             sentences.append(_cap(template.format(X=lang.a(obj, p, sized=True), pos=lang.position(obj, p))))
-        for j in range(len(order) - 1):
-            x, y = objects[order[j]], objects[order[j + 1]]
-            if p.chance(f"flip/{j}", 0.5):
+            if j == 0:
+                continue
+            x, y = objects[order[j - 1]], obj  # the relation to the previous object follows each object
+            if p.chance(f"flip/{j - 1}", 0.5):
                 x, y = y, x
-            name = relation(x, y, vertical=p.chance(f"axis/{j}", 0.5))
-            template = p.pick(f"relation/{j}", LONG_RELATION)[k]
+            name = relation(x, y, vertical=p.chance(f"axis/{j - 1}", 0.5))
+            template = p.pick(f"relation/{j - 1}", LONG_RELATION)[k]
             sentences.append(_cap(template.format(X=lang.the(x, p), rel=lang.rel(name, lang.the(y, p), p))))
         out.append(" ".join(sentences))
     return out[0], out[1]
