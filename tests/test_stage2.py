@@ -289,7 +289,7 @@ def test_llm2clip_run_writes_outputs_and_resumes(small_world, cache_dir, encoder
     assert (model.config.text_encoder_pooling_mode, model.config.text_encoder_max_length) == (
         cache.manifest["pooling_mode"], cache.manifest["max_length"])
     assert model.config.text_embed_dim == cache.dim
-    mean, matrix = fit_whitening(cache, {"short": 0.5, "long": 0.5})  # the default caption mix
+    mean, matrix = fit_whitening(cache, {"short": 0.5, "long": 0.5}, Stage2Config().adapter.whiten_eps)  # the defaults
     torch.testing.assert_close(model.text_adapter.input_mean, mean)
     torch.testing.assert_close(model.text_adapter.input_whitening, matrix)
     assert AutoImageProcessor.from_pretrained(out / "final").crop_size["height"] == 32
