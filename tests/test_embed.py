@@ -355,12 +355,12 @@ def test_whitening_subsamples_and_rejects_bad_input(cache_dir):
     import llm2clip.embed.whitening as whitening
 
     cache = EmbeddingCache(cache_dir)
-    mean, matrix = whitening.fit_whitening(cache, {"short": 1.0, "long": 1.0}, max_rows=40, seed=3)
+    mean, matrix = whitening.fit_whitening(cache, {"short": 1.0, "long": 1.0}, 1e-3, max_rows=40, seed=3)
     assert mean.shape == (cache.dim,) and matrix.shape == (cache.dim, cache.dim)
     assert torch.allclose(matrix, matrix.T, atol=1e-5)
-    again, _ = whitening.fit_whitening(cache, {"short": 1.0, "long": 1.0}, max_rows=40, seed=3)
+    again, _ = whitening.fit_whitening(cache, {"short": 1.0, "long": 1.0}, 1e-3, max_rows=40, seed=3)
     assert torch.equal(mean, again)
     with pytest.raises(InputError, match="eps must lie in"):
         whitening.fit_whitening(cache, {"short": 1.0}, relative_eps=0)
     with pytest.raises(InputError, match="no rows of the kinds short"):
-        whitening.fit_whitening(cache, {"short": 0.0})
+        whitening.fit_whitening(cache, {"short": 0.0}, 1e-3)

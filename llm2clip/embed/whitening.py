@@ -45,14 +45,14 @@ def _row_weights(cache: EmbeddingCache, kind_weights: Mapping[str, float], max_r
     return rows[order], weights[order] / weights.sum()
 
 
-def fit_whitening(cache: EmbeddingCache, kind_weights: Mapping[str, float], relative_eps: float = 1e-3,
+def fit_whitening(cache: EmbeddingCache, kind_weights: Mapping[str, float], relative_eps: float,
                   max_rows: int = 200_000, seed: int = 0,
                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """The weighted mean [dim] and ZCA whitening matrix [dim, dim] (float32) of the cache's rows.
 
-    `relative_eps` is added to every eigenvalue as a fraction of the largest, so near-empty directions
-    are lifted to at most 1/sqrt(relative_eps) times, not to unit variance. Two passes over at most
-    `max_rows` rows, accumulated in float64.
+    `relative_eps` (stage 2's `adapter.whiten_eps`, which owns the default) is added to every eigenvalue
+    as a fraction of the largest, so near-empty directions are lifted to at most 1/sqrt(relative_eps)
+    times, not to unit variance. Two passes over at most `max_rows` rows, accumulated in float64.
     """
     if not 0 < relative_eps <= 1:
         raise InputError(f"the whitening eps must lie in (0, 1], got {relative_eps}")
