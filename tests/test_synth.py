@@ -55,7 +55,7 @@ def test_layout_and_records(world):
                 assert image.size == (64, 64) and image.mode == "RGB"
             assert len(r["captions"]) == len(r["captions_fr"]) == 4
             assert len(set(r["captions"])) == 4  # paraphrases, not copies
-            assert 1 <= len(r["objects"]) <= 6
+            assert 3 <= len(r["objects"]) <= 9
             for o in r["objects"]:
                 assert POSITIONS[o["cell"][0] * 3 + o["cell"][1]] == o["position"]
                 x0, y0, x1, y1 = o["bbox"]

@@ -70,8 +70,8 @@ class SynthConfig:
     n_val: int = 500
     n_test: int = 500
     image_size: int = 64  # pixels, 32..336
-    min_objects: int = 1
-    max_objects: int = 6  # at most 9 (one per grid cell)
+    min_objects: int = 3  # 3..9 objects: long captions run about twice CLIP's 77 tokens (median ~150)
+    max_objects: int = 9  # at most 9 (one per grid cell)
     n_captions: int = 4  # short captions per image, 1..5
     n_long_captions: int = 2  # long captions per image, 1..3, each its own wording and object order
     twin_prob: float = 0.3  # chance that a scene is followed by its attribute-swapped twin
