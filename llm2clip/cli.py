@@ -158,12 +158,12 @@ def _resolve(spec: str):
     return getattr(importlib.import_module(module), name)
 
 
-def _build_parser(commands: tuple[Command, ...], prog: str,
-                  description: str) -> tuple[argparse.ArgumentParser, dict[tuple[str, ...], Command]]:
+def _build_parser(commands: tuple[Command, ...], prog: str, description: str
+                  ) -> tuple[argparse.ArgumentParser, dict[tuple[str, ...], tuple[Command, argparse.ArgumentParser]]]:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     groups = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     nested: dict[str, argparse._SubParsersAction] = {}
-    table: dict[tuple[str, ...], Command] = {}
+    table: dict[tuple[str, ...], tuple[Command, argparse.ArgumentParser]] = {}
     for command in commands:
         target = groups
         if len(command.words) == 2:
@@ -186,18 +186,32 @@ def _build_parser(commands: tuple[Command, ...], prog: str,
         p.add_argument("args", nargs="*", metavar="KEY=VALUE" if command.positional is None else f"{command.positional.name.upper()} | KEY=VALUE",
                        help=command.positional.help if command.positional else "config overrides")
         p.set_defaults(_command=command.words)
-        table[command.words] = command
+        table[command.words] = (command, p)
     return parser, table
+
+
+def _parse(parser: argparse.ArgumentParser, table: dict, argv: list[str] | None
+           ) -> tuple[argparse.Namespace, Command, list[str]]:
+    """Flags, overrides and the positional in any order (`parse_intermixed_args` refuses subcommands).
+
+    argparse gives the `KEY=VALUE` positional only the first run of bare words; later runs come back
+    as unknown arguments and are appended in order, so a later override still wins.
+    """
+    args, rest = parser.parse_known_args(argv)
+    command, sub = table[args._command]
+    stray = [item for item in rest if item.startswith("-")]
+    if stray:
+        sub.error(f"unrecognized arguments: {' '.join(stray)}")
+    return args, command, [*args.args, *rest]
 
 
 def main(argv: list[str] | None = None, commands: tuple[Command, ...] = COMMANDS, prog: str = "llm2clip",
          description: str = __doc__.splitlines()[0]) -> int:
     """Run one command of `commands` (another console script, such as `mllm`, passes its own table)."""
     parser, table = _build_parser(commands, prog, description)
-    args = parser.parse_args(argv)
-    command = table[args._command]
+    args, command, items = _parse(parser, table, argv)
     overrides, positionals = [], []
-    for item in args.args:
+    for item in items:
         (overrides if _OVERRIDE.match(item) else positionals).append(item)
     if positionals:
         if command.positional is None or len(positionals) > 1:

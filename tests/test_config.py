@@ -103,3 +103,25 @@ def test_cli_reports_unknown_key_and_prints_config(capsys):
     assert cli.main(["stage1", "mntp", "--print-config", "train.max_steps=3", "--model", "/m"]) == 0
     out = capsys.readouterr().out
     assert "max_steps: 3" in out and "model: /m" in out
+
+
+def test_flags_overrides_and_the_positional_mix_in_any_order(capsys):
+    # Both failed with "unrecognized arguments" when KEY=VALUE items were one nargs="*" run.
+    assert cli.main(["encode", "--model", "M", "adapters=A", "model_name=N", "--out", "emb.npy", "captions.txt",
+                     "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "model: M" in out and "adapters: A" in out and "model_name: N" in out
+    assert "out: emb.npy" in out and "texts: captions.txt" in out
+    assert cli.main(["stage2", "--data", "D", "split=null", "--cache", "C", "max_images=5", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "data: D" in out and "split: null" in out and "cache: C" in out and "max_images: 5" in out
+    # A later override still wins over an earlier one.
+    assert cli.main(["stage2", "max_images=5", "--data", "D", "max_images=7", "--print-config"]) == 0
+    assert "max_images: 7" in capsys.readouterr().out
+
+
+def test_an_unknown_flag_anywhere_is_named(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["stage2", "max_images=5", "--cahce", "C"])
+    assert exit_info.value.code == 2
+    assert "llm2clip stage2: error: unrecognized arguments: --cahce" in capsys.readouterr().err
