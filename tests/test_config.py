@@ -110,7 +110,7 @@ def test_flags_overrides_and_the_positional_mix_in_any_order(capsys):
     assert cli.main(["encode", "--model", "M", "adapters=A", "model_name=N", "--out", "emb.npy", "captions.txt",
                      "--print-config"]) == 0
     out = capsys.readouterr().out
-    assert "model: M" in out and "adapters: A" in out and "model_name: N" in out
+    assert "model: M" in out and "adapters:\n- A\n" in out and "model_name: N" in out
     assert "out: emb.npy" in out and "texts: captions.txt" in out
     assert cli.main(["stage2", "--data", "D", "split=null", "--cache", "C", "max_images=5", "--print-config"]) == 0
     out = capsys.readouterr().out

@@ -111,7 +111,7 @@ class TextTowerSettings:  # the clip baseline only
 class Stage2Config:
     model_type: Literal["llm2clip", "clip"] = "llm2clip"
     data: Path = Path("runs/world")  # world directory, .jsonl, COCO-Karpathy or ShareGPT4V .json
-    split: str = "train"
+    split: str | None = "train"  # None: every split (as a cache built with split=null)
     image_root: Path | None = None  # image paths are relative to this (default: the data file's directory)
     max_images: int | None = None  # the first N images only (the cache must cover the same N)
     shards: str | None = None  # tar shards (dirs, globs, {000..099} ranges); images and captions come from them
