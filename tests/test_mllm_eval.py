@@ -298,6 +298,16 @@ def test_a_failed_run_names_the_model_and_lmms_evals_reason(tmp_path):
     assert "Tasks not found" in (tmp_path / "run" / "lmms_eval.log").read_text()
 
 
+def test_a_run_that_exits_0_without_results_fails_with_the_logged_error(tmp_path):
+    # lmms-eval 0.7.3 under filelock 4.3 logs this import error, writes no results and still exits 0.
+    output = ("ERROR | lmms_eval.__main__:cli_evaluate:614 - Error during evaluation: No module named "
+              "'filelock._api'. Please set `--verbosity=DEBUG` to get more information.\n")
+    command = _fake_lmms_eval(tmp_path, output, write_results=False)
+    assert subprocess.run(command).returncode == 0
+    with pytest.raises(InputError, match=r"failed: No module named 'filelock._api'\. Full log"):
+        run_model("tower", "some/dir", command, {}, tmp_path / "run")
+
+
 def test_a_failed_run_adds_the_root_cause_and_the_offline_hint(tmp_path):
     output = ("Traceback (most recent call last):\n"
               "    raise ConnectionError(f\"Couldn't reach '{path}' on the Hub\")\n"
@@ -437,7 +447,7 @@ def _stub_venv(tmp_path: Path) -> Path:
                         'if [ -n "${STUB_FAIL:-}" ] && [[ " $* " == *" $STUB_FAIL "* ]]; then exit 3; fi\n')
         stub.chmod(0o755)
     # What scripts/setup_env.sh checks before it leaves an environment as it is.
-    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + (ROOT / "requirements.lock").read_bytes()).hexdigest()
     (venv / ".llm2clip-installed").write_text(digest + "\n")
     return venv
 
