@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from llm2clip.fileio import atomic_dir, atomic_save_npy, atomic_write_json, atomic_write_text
+
+
+def file_states(root: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file under `root`, with its mtime and bytes: equal states mean nothing was written."""
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(root.rglob("*"))
+            if p.is_file()}
 
 
 class Interrupted(Exception):

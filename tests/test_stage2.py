@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_fileio import file_states
 from torch.utils.data import DataLoader
 from transformers import (
     AutoImageProcessor,
@@ -305,6 +306,27 @@ def test_llm2clip_run_writes_outputs_and_resumes(small_world, cache_dir, encoder
     assert second["resumed_from_step"] == 4 and second["steps_this_run"] == 2 and second["steps"] == 6
     assert [e["step"] for e in second["loss_curve"]] == [1, 2, 3, 4, 5, 6]
     assert second["loss_curve"][:4] == first["loss_curve"]
+
+
+@pytest.mark.parametrize("model_type", ["llm2clip", "clip"])
+def test_rerun_of_a_finished_run_changes_nothing(small_world, cache_dir, encoder_dir, tmp_path, capsys, model_type):
+    out = tmp_path / model_type
+    # 20 images in batches of 4: 5 steps an epoch, so the Trainer alone would resume checkpoint-4 into step 5.
+    config = tiny(small_world, cache_dir, encoder_dir, out, f"model_type={model_type}")
+    first = train_stage2(config)
+    before = file_states(out)
+    capsys.readouterr()
+
+    assert train_stage2(config) == first
+    assert capsys.readouterr().out.strip() == f"stage2: already finished (4 steps) in {out}; nothing to do"
+    assert file_states(out) == before
+
+    # More steps: only the extra ones train, and the runtime is the total over both runs.
+    second = train_stage2(tiny(small_world, cache_dir, encoder_dir, out, f"model_type={model_type}",
+                               "train.max_steps=6"))
+    assert (second["resumed_from_step"], second["steps_this_run"], second["steps"]) == (4, 2, 6)
+    assert second["train_runtime_s"] == pytest.approx(first["train_runtime_s"] + second["runtime_this_run_s"],
+                                                      abs=0.11)
 
 
 def test_clip_baseline_run(small_world, tmp_path, capsys):
