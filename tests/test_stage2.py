@@ -7,7 +7,9 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -38,6 +40,7 @@ from llm2clip.embed.build import EmbedConfig, build_cache
 from llm2clip.embed.cache import EmbeddingCache, weight_hash
 from llm2clip.embed.whitening import fit_whitening
 from llm2clip.errors import InputError
+from llm2clip.eval.towers import load_tower
 from llm2clip.stage2.data import (
     CacheRows,
     CaptionMix,
@@ -327,6 +330,35 @@ def test_rerun_of_a_finished_run_changes_nothing(small_world, cache_dir, encoder
     assert (second["resumed_from_step"], second["steps_this_run"], second["steps"]) == (4, 2, 6)
     assert second["train_runtime_s"] == pytest.approx(first["train_runtime_s"] + second["runtime_this_run_s"],
                                                       abs=0.11)
+
+
+def test_outputs_are_shareable_and_survive_moving_the_runs_tree(small_world, encoder_dir, other_encoder_dir,
+                                                                tmp_path):
+    runs = tmp_path / "a" / "runs"
+    shutil.copytree(encoder_dir, runs / "encoder")
+    build_cache(EmbedConfig(model=runs / "encoder", data=small_world, out_dir=runs / "cache", max_length=64,
+                            dtype="float32"))
+    umask = os.umask(0o022)
+    try:
+        train_stage2(tiny(small_world, runs / "cache", runs / "encoder", runs / "stage2"))
+    finally:
+        os.umask(umask)
+    for folder in ("vision_tower", "final"):
+        path = runs / "stage2" / folder
+        assert stat.S_IMODE(path.stat().st_mode) == 0o755, folder
+        assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.iterdir()} == {
+            p.name: 0o644 for p in path.iterdir()}, folder
+
+    moved = tmp_path / "b" / "runs"
+    moved.parent.mkdir()
+    (tmp_path / "a" / "runs").rename(moved)
+    tower = load_tower(moved / "stage2" / "final", device="cpu")
+    assert tower.text_features(["a red circle"]).shape == (1, 16)
+
+    shutil.rmtree(moved / "encoder")
+    shutil.copytree(other_encoder_dir, moved / "encoder")  # another encoder at the same place
+    with pytest.raises(InputError, match="trained on the embeddings of an encoder with fingerprint"):
+        load_tower(moved / "stage2" / "final", device="cpu")
 
 
 def test_clip_baseline_run(small_world, tmp_path, capsys):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
@@ -227,7 +228,9 @@ def train_stage2(config: Stage2Config) -> dict:
     model = build_model(config, cache.dim if cache else None, tokenizer)
     if cache is not None:
         manifest = cache.manifest  # so eval embeds new captions as the cache did, with this encoder only
-        model.config.text_encoder_name_or_path = manifest["encoder"]
+        encoder = Path(config.encoder or manifest["encoder"]).resolve()  # where it is now, not when cached
+        model.config.text_encoder_name_or_path = str(encoder)
+        model.config.text_encoder_relative_path = os.path.relpath(encoder, (out / "final").resolve())
         model.config.text_encoder_fingerprint = manifest["weight_hash"]
         model.config.text_encoder_pooling_mode = manifest["pooling_mode"]
         model.config.text_encoder_max_length = manifest["max_length"]
@@ -279,7 +282,7 @@ def train_stage2(config: Stage2Config) -> dict:
         "logit_scale": round(model.logit_scale.exp().item(), 3),
         "skipped": dict(skips),
         "loss_curve": curve,
-        "text_encoder": cache.manifest["encoder"] if cache is not None else None,
+        "text_encoder": model.config.text_encoder_name_or_path if cache is not None else None,
         "config": config_to_dict(config),
     }
     atomic_write_json(out / "train_report.json", report)
