@@ -1,7 +1,9 @@
 """Atomic writes: a reader (or a rerun after a kill) sees the old file or directory or the new one, never half.
 
 A file is written to `.NAME.PID.tmp` beside it and renamed over it; a directory is filled as a hidden
-temporary sibling and swapped in. A killed job leaves at most such a hidden temporary behind.
+temporary sibling and swapped in. A killed job leaves at most such a hidden temporary behind. What is
+swapped in gets the modes of a plain mkdir or open under the umask, though temporaries (and the files
+some libraries write) start private.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def replace_dir(src: Path, dst: Path) -> None:
-    """Rename `src` to `dst`; an existing `dst` is moved aside first and deleted only after the swap."""
+    """Rename `src` to `dst` with umask modes; an existing `dst` is moved aside first and deleted only after the swap."""
+    umask_modes(src)
     if not dst.exists():
         os.replace(src, dst)
         return
@@ -69,3 +72,17 @@ def replace_dir(src: Path, dst: Path) -> None:
     os.replace(dst, old / dst.name)
     os.replace(src, dst)
     shutil.rmtree(old)
+
+
+def umask_modes(root: Path) -> None:
+    """Give `root` and everything under it the modes a plain mkdir or open would: 0o777 or 0o666, less the umask.
+
+    Files with an execute bit keep it (0o777 less the umask); links are left alone.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        executable = path.is_dir() or path.stat().st_mode & 0o111
+        path.chmod((0o777 if executable else 0o666) & ~umask)

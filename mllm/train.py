@@ -7,7 +7,7 @@ finetune  continues a Llava directory (pretrain's final/) on instruction data: t
           LLaVA-1.5: lr 2e-5 (LoRA: 2e-4, r 128, alpha 256), 1 epoch, warmup 0.03, cosine.
 
 Outputs under `out_dir`:
-    checkpoints/       Trainer checkpoints; a rerun resumes from the newest
+    checkpoints/       Trainer checkpoints; a rerun resumes from the newest (a finished run, same config: nothing to do)
     final/             a Llava directory with its processor (LoRA: the adapter and the projector;
                        `mllm export` merges it)
     train_report.json  steps, samples/s, the loss curve, skipped and truncated samples, the config
@@ -28,6 +28,7 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor, Trainer,
 from llm2clip.config import config_to_dict
 from llm2clip.errors import InputError
 from llm2clip.fileio import atomic_write_json, replace_dir
+from llm2clip.rerun import finished_run, total_runtime
 from llm2clip.training import LoraSettings, TrainSettings, resume_checkpoint, training_arguments
 from mllm.builder import BuildSettings, build_llava, load_llava
 from mllm.data import LlavaCollator, LlavaDataset, ModalityLengthGroupedSampler, read_llava_json
@@ -176,6 +177,8 @@ def param_groups(model: nn.Module, weight_decay: float, vision_lr: float | None)
 
 def pretrain(config: PretrainConfig) -> dict:
     args = _arguments(config.train, Path(config.out_dir), config.epochs)  # before loading: ZeRO-3 partitions at load
+    if (finished := _finished("pretrain", config, args)) is not None:
+        return finished
     set_seed(config.train.seed)
     model, processor = build_llava(config.model)
     for name, param in model.named_parameters():
@@ -189,6 +192,8 @@ def finetune(config: FinetuneConfig) -> dict:
         raise InputError(f"vision_lr must be positive (or null to keep the tower frozen), got {config.vision_lr}")
     args = _arguments(config.train, Path(config.out_dir), config.epochs,
                       ddp_find_unused_parameters=config.vision_lr is not None)  # the tower's top layers go unused
+    if (finished := _finished("finetune", config, args)) is not None:
+        return finished
     set_seed(config.train.seed)
     model, processor = load_llava(Path(config.model).resolve())  # absolute: LoRA adapters record their base
     template = chat_template(config.data.template, processor.tokenizer, config.data.system_prompt)
@@ -205,6 +210,15 @@ def _arguments(train: TrainSettings, out: Path, epochs: float, **overrides):
         raise InputError(f"epochs must be positive when train.max_steps is -1, got {epochs}")
     return training_arguments(train, out / "checkpoints", num_train_epochs=epochs, remove_unused_columns=False,
                               **overrides)
+
+
+def _finished(stage: str, config: PretrainConfig | FinetuneConfig, args) -> dict | None:
+    """The report of a finished run of `config` (rank 0; {} on the others), or None when there is work to do."""
+    out = Path(config.out_dir)
+    main = args.process_index == 0
+    report = finished_run(f"mllm {stage}", out, out / REPORT, [out / "final"], config_to_dict(config),
+                          say=print if main else lambda *a, **k: None)
+    return report if report is None or main else {}
 
 
 def _with_lora(model: LlavaForConditionalGeneration, lora: LoraSettings, train_tower: bool) -> PeftModel:
@@ -253,8 +267,9 @@ def _train(stage: str, config: PretrainConfig | FinetuneConfig, model: nn.Module
         "steps": trainer.state.global_step,
         "resumed_from_step": start_step,
         "steps_this_run": steps,
-        "train_runtime_s": round(seconds, 1),
-        "samples_per_s": round(steps * global_batch / seconds, 2) if steps else None,
+        "train_runtime_s": round(total_runtime(seconds, out / REPORT, resumed=start_step > 0), 1),  # over all runs
+        "runtime_this_run_s": round(seconds, 1),
+        "samples_per_s": round(steps * global_batch / seconds, 2) if steps else None,  # this run's
         "global_batch": global_batch,
         "samples": len(dataset),
         "skipped": dict(skipped),

@@ -12,7 +12,8 @@
 #   PRETRAIN_CONFIG  YAML for mllm pretrain        configs/tiny-llava-pretrain.yaml
 #   FINETUNE_CONFIG  YAML for mllm finetune        configs/tiny-llava-finetune.yaml
 #   EVAL_CONFIG      optional YAML for mllm eval   (real scale: configs/llava-1.5-7b-*.yaml for the first two)
-# A rerun resumes: the trainers continue from their newest checkpoint; export and eval redo (quick).
+# A rerun resumes: finished trainers are skipped, others continue from their newest checkpoint; export and
+# eval redo (quick).
 # Compare towers: run once per tower with its own OUT, then `mllm eval --config configs/tiny-llava-eval.yaml`.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 

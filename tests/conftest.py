@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ from transformers import LlamaConfig, LlamaModel
 from llm2clip.data.records import read_corpus
 from llm2clip.data.synth import SynthConfig, generate_world
 from llm2clip.text.tokenizer_training import save_tokenizer, train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _save_encoder(out: Path, corpus: Path, seed: int) -> Path:
@@ -53,3 +56,12 @@ def encoder_dir(tmp_path_factory, small_world) -> Path:
 def other_encoder_dir(tmp_path_factory, small_world) -> Path:
     """Another encoder: the same tokenizer, other random weights."""
     return _save_encoder(tmp_path_factory.mktemp("other-encoder"), small_world / "corpus.txt", seed=1)
+
+
+@pytest.fixture(scope="session")
+def parity_python() -> str:
+    """The python of the llm2vec reference venv (LLM2VEC_VENV, default .venv-llm2vec), built on first use."""
+    setup = subprocess.run(["bash", str(ROOT / "scripts" / "setup_parity_venv.sh")], capture_output=True, text=True)
+    if setup.returncode != 0:
+        pytest.fail(f"scripts/setup_parity_venv.sh failed:\n{setup.stderr[-3000:]}")
+    return setup.stdout.strip().splitlines()[-1]

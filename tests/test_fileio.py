@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from llm2clip.fileio import atomic_dir, atomic_save_npy, atomic_write_json, atomic_write_text
+
+
+def file_states(root: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file under `root`, with its mtime and bytes: equal states mean nothing was written."""
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(root.rglob("*"))
+            if p.is_file()}
 
 
 class Interrupted(Exception):
@@ -55,3 +64,20 @@ def test_a_directory_is_swapped_in_on_success_only(tmp_path):
     with atomic_dir(tmp_path / "new" / "tower") as tmp:
         (tmp / "config.json").write_text("{}")
     assert (tmp_path / "new" / "tower" / "config.json").is_file()
+
+
+def test_a_swapped_in_directory_gets_umask_modes(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "model") as tmp:
+            (tmp / "sub").mkdir(mode=0o700)
+            (tmp / "sub" / "weights.safetensors").write_bytes(b"w")
+            (tmp / "sub" / "weights.safetensors").chmod(0o600)  # as a library's private temporary
+            (tmp / "run.sh").write_text("#!/bin/sh\n")
+            (tmp / "run.sh").chmod(0o700)
+    finally:
+        os.umask(umask)
+    modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in [tmp_path / "model",
+                                                                                 *(tmp_path / "model").rglob("*")]}
+    assert modes == {"model": 0o755, "model/sub": 0o755, "model/sub/weights.safetensors": 0o644,
+                     "model/run.sh": 0o755}

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from test_fileio import file_states
 from test_mllm_data import make_llm, make_tower, write_world
 from transformers import (
     AutoProcessor,
@@ -184,8 +185,25 @@ def test_resume_restores_the_checkpoint_weights(parts, tmp_path):
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6, msg=name)
 
-    assert _pretrain(parts, out, *settings)["steps_this_run"] == 0  # a finished run reruns as a no-op
-    assert torch.equal(_weights(out / "final")[projector], resumed[projector])
+    before = file_states(out)
+    assert _pretrain(parts, out, *settings) == report  # a finished run reruns as a no-op
+    assert file_states(out) == before
+
+
+def test_rerun_of_a_finished_pretrain_changes_nothing(parts, tmp_path, capsys):
+    out = tmp_path / "pre"
+    first = _pretrain(parts, out, "train.max_steps=2")  # 8 samples in batches of 4: one epoch
+    before = file_states(out)
+    capsys.readouterr()
+
+    assert _pretrain(parts, out, "train.max_steps=2") == first
+    assert capsys.readouterr().out.strip() == f"mllm pretrain: already finished (2 steps) in {out}; nothing to do"
+    assert file_states(out) == before
+
+    second = _pretrain(parts, out, "train.max_steps=3")
+    assert (second["resumed_from_step"], second["steps_this_run"], second["steps"]) == (2, 1, 3)
+    assert second["train_runtime_s"] == pytest.approx(first["train_runtime_s"] + second["runtime_this_run_s"],
+                                                      abs=0.11)
 
 
 @pytest.mark.slow

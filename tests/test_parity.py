@@ -33,13 +33,6 @@ SETTINGS = {"max_length": 48, "doc_max_length": 24}  # both truncations happen o
 BATCH_SIZE = 3
 
 
-@pytest.fixture(scope="module")
-def parity_python() -> str:
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "setup_parity_venv.sh")], check=True,
-                            capture_output=True, text=True)
-    return result.stdout.strip().splitlines()[-1]
-
-
 def run_llm2vec(python: str, jobs: list[dict], work: Path) -> list[dict]:
     (work / "jobs.json").write_text(json.dumps({"threads": 2, "jobs": jobs}))
     result = subprocess.run([python, str(ROOT / "tests" / "parity" / "llm2vec_encode.py"), str(work / "jobs.json"),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_fileio import file_states
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from llm2clip.data.records import load_image_texts
@@ -131,10 +132,16 @@ def test_train_mntp_writes_llm2vec_layout_and_resumes(tmp_path, causal_lm_dir, s
     assert torch.allclose(merged, stacked, atol=1e-5)
     assert (merged - base).abs().max() > 1e-6, "the adapter changed nothing"
 
+    before = file_states(out)
+    assert train_mntp(config)["steps"] == 2  # finished: a rerun changes nothing
+    assert file_states(out) == before
+
+    first = json.loads((out / "mntp_report.json").read_text())
     config.train = tiny_train(max_steps=4)
     train_mntp(config)
     report = json.loads((out / "mntp_report.json").read_text())
     assert report["steps"] == 4
+    assert report["train_runtime_s"] > first["train_runtime_s"]  # over both runs
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
 
 
@@ -198,6 +205,9 @@ def test_train_contrastive_outputs_load_and_agree(tmp_path, encoder_dir, small_w
     config = ContrastiveConfig(model=encoder_dir, data=small_world, corpus=small_world / "corpus.txt",
                                include_long_captions=True, out_dir=out, max_length=48, train=tiny_train())
     train_contrastive(config)
+    before = file_states(out)
+    assert train_contrastive(config)["steps"] == 2  # finished: a rerun changes nothing
+    assert file_states(out) == before
     report = json.loads((out / "contrastive_report.json").read_text())
     assert report["long_caption_pairs"] > 0
     assert report["steps"] == 2 and report["plain_text_pairs"] > 0

@@ -7,7 +7,9 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -19,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_fileio import file_states
 from torch.utils.data import DataLoader
 from transformers import (
     AutoImageProcessor,
@@ -37,6 +40,7 @@ from llm2clip.embed.build import EmbedConfig, build_cache
 from llm2clip.embed.cache import EmbeddingCache, weight_hash
 from llm2clip.embed.whitening import fit_whitening
 from llm2clip.errors import InputError
+from llm2clip.eval.towers import load_tower
 from llm2clip.stage2.data import (
     CacheRows,
     CaptionMix,
@@ -305,6 +309,56 @@ def test_llm2clip_run_writes_outputs_and_resumes(small_world, cache_dir, encoder
     assert second["resumed_from_step"] == 4 and second["steps_this_run"] == 2 and second["steps"] == 6
     assert [e["step"] for e in second["loss_curve"]] == [1, 2, 3, 4, 5, 6]
     assert second["loss_curve"][:4] == first["loss_curve"]
+
+
+@pytest.mark.parametrize("model_type", ["llm2clip", "clip"])
+def test_rerun_of_a_finished_run_changes_nothing(small_world, cache_dir, encoder_dir, tmp_path, capsys, model_type):
+    out = tmp_path / model_type
+    # 20 images in batches of 4: 5 steps an epoch, so the Trainer alone would resume checkpoint-4 into step 5.
+    config = tiny(small_world, cache_dir, encoder_dir, out, f"model_type={model_type}")
+    first = train_stage2(config)
+    before = file_states(out)
+    capsys.readouterr()
+
+    assert train_stage2(config) == first
+    assert capsys.readouterr().out.strip() == f"stage2: already finished (4 steps) in {out}; nothing to do"
+    assert file_states(out) == before
+
+    # More steps: only the extra ones train, and the runtime is the total over both runs.
+    second = train_stage2(tiny(small_world, cache_dir, encoder_dir, out, f"model_type={model_type}",
+                               "train.max_steps=6"))
+    assert (second["resumed_from_step"], second["steps_this_run"], second["steps"]) == (4, 2, 6)
+    assert second["train_runtime_s"] == pytest.approx(first["train_runtime_s"] + second["runtime_this_run_s"],
+                                                      abs=0.11)
+
+
+def test_outputs_are_shareable_and_survive_moving_the_runs_tree(small_world, encoder_dir, other_encoder_dir,
+                                                                tmp_path):
+    runs = tmp_path / "a" / "runs"
+    shutil.copytree(encoder_dir, runs / "encoder")
+    build_cache(EmbedConfig(model=runs / "encoder", data=small_world, out_dir=runs / "cache", max_length=64,
+                            dtype="float32"))
+    umask = os.umask(0o022)
+    try:
+        train_stage2(tiny(small_world, runs / "cache", runs / "encoder", runs / "stage2"))
+    finally:
+        os.umask(umask)
+    for folder in ("vision_tower", "final"):
+        path = runs / "stage2" / folder
+        assert stat.S_IMODE(path.stat().st_mode) == 0o755, folder
+        assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.iterdir()} == {
+            p.name: 0o644 for p in path.iterdir()}, folder
+
+    moved = tmp_path / "b" / "runs"
+    moved.parent.mkdir()
+    (tmp_path / "a" / "runs").rename(moved)
+    tower = load_tower(moved / "stage2" / "final", device="cpu")
+    assert tower.text_features(["a red circle"]).shape == (1, 16)
+
+    shutil.rmtree(moved / "encoder")
+    shutil.copytree(other_encoder_dir, moved / "encoder")  # another encoder at the same place
+    with pytest.raises(InputError, match="trained on the embeddings of an encoder with fingerprint"):
+        load_tower(moved / "stage2" / "final", device="cpu")
 
 
 def test_clip_baseline_run(small_world, tmp_path, capsys):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
@@ -20,7 +19,6 @@ from llm2clip.text.tiny_llm import REPORT, TinyLLMConfig, build_tiny_llm
 from llm2clip.text.tokenizer_training import CHAT_TOKENS, SPECIAL_TOKENS
 
 ROOT = Path(__file__).resolve().parents[1]
-PARITY_PYTHON = Path(os.environ.get("LLM2VEC_VENV", ROOT / ".venv-llm2vec")) / "bin" / "python"
 
 COLOURS = {"red": "rouge", "blue": "bleu", "green": "vert", "yellow": "jaune"}
 SHAPES = {"circle": "cercle", "square": "carré", "star": "étoile"}
@@ -198,13 +196,12 @@ print(json.dumps({
 
 
 @pytest.mark.parity
-@pytest.mark.skipif(not PARITY_PYTHON.exists(), reason="parity venv missing (scripts/setup_parity_venv.sh)")
-def test_loads_identically_under_transformers_4_44(built):
+def test_loads_identically_under_transformers_4_44(built, parity_python):
     def probe(python: str) -> dict:
         run = subprocess.run([python, "-c", PROBE, str(built)], capture_output=True, text=True, check=True)
         return json.loads(run.stdout.strip().splitlines()[-1])
 
-    ours, theirs = probe(sys.executable), probe(str(PARITY_PYTHON))
+    ours, theirs = probe(sys.executable), probe(parity_python)
     assert theirs["eos"][0][-1] == theirs["specials"][1]
     assert theirs["inputs"] == ["attention_mask", "input_ids"]  # no token_type_ids, which LlamaModel rejects
     for key in ("bos", "plain", "eos", "specials", "chat"):

@@ -35,6 +35,9 @@ class LLM2CLIPConfig(PreTrainedConfig):
         Standard deviation of the adapter's initial weights.
     text_encoder_name_or_path (`str`, *optional*):
         The LLM caption encoder whose embeddings the adapter was trained on (stage 2 fills it in).
+    text_encoder_relative_path (`str`, *optional*):
+        The same encoder relative to the checkpoint directory, used where the absolute path is gone (a moved
+        `runs/` tree).
     text_encoder_fingerprint (`str`, *optional*):
         Fingerprint of that encoder's weights and settings (`llm2clip.embed.weight_hash`); evaluation
         refuses an encoder with another fingerprint.
@@ -57,6 +60,7 @@ class LLM2CLIPConfig(PreTrainedConfig):
     logit_bias_init_value: float | int = -10.0
     initializer_range: float = 0.02
     text_encoder_name_or_path: str | None = None
+    text_encoder_relative_path: str | None = None
     text_encoder_fingerprint: str | None = None
     text_encoder_pooling_mode: str | None = None
     text_encoder_max_length: int | None = None

@@ -116,6 +116,14 @@ class CLIPTower(ImageTextTower):
         return F.normalize(torch.cat(chunks), dim=-1).cpu()
 
 
+def _recorded_encoder(model_dir: Path, config) -> str | None:
+    """The encoder the checkpoint records: its absolute path, else its place relative to the checkpoint (a moved tree)."""
+    recorded, relative = config.text_encoder_name_or_path, getattr(config, "text_encoder_relative_path", None)
+    if (recorded and Path(recorded).is_dir()) or not relative:
+        return recorded
+    return str(model_dir / relative)
+
+
 def load_tower(
     model_dir: str | os.PathLike,
     text_encoder: str | os.PathLike | None = None,
@@ -125,8 +133,9 @@ def load_tower(
     """The tower for a checkpoint directory: LLM2CLIP ("llm2clip") or a plain CLIPModel ("clip").
 
     An LLM2CLIP model needs its LLM caption encoder: `text_encoder`, else the checkpoint config's
-    `text_encoder_name_or_path`. It must be the encoder the model was trained on (same fingerprint), and
-    it embeds with the pooling and max length the training cache used.
+    `text_encoder_name_or_path` (where that is gone: `text_encoder_relative_path`, from `model_dir`). It must
+    be the encoder the model was trained on (same fingerprint), and it embeds with the pooling and max length
+    the training cache used.
     """
     model_dir = Path(model_dir)
     config_file = model_dir / "config.json"
@@ -140,7 +149,7 @@ def load_tower(
         from llm2clip.text.encoder import LLMEncoder
 
         model = LLM2CLIPModel.from_pretrained(model_dir).to(device)
-        text_encoder = text_encoder or getattr(model.config, "text_encoder_name_or_path", None)
+        text_encoder = text_encoder or _recorded_encoder(model_dir, model.config)
         if not text_encoder:
             raise InputError(f"{model_dir}: the config names no text encoder (text_encoder_name_or_path); "
                              "give the LLM caption encoder directory with text_encoder=DIR")

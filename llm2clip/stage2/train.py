@@ -7,7 +7,8 @@ trained on the same vision config, data, caption mix, steps, seed and loss by th
 Both take one path through `compute_loss`: the model's image and text features into one loss module.
 
 Outputs under `out_dir`:
-    checkpoints/       Trainer checkpoints; a rerun resumes from the newest and extends its loss curve
+    checkpoints/       Trainer checkpoints; a rerun with a changed config (e.g. more steps) resumes from the newest
+                       and extends its loss curve; a rerun of a finished run with the same config does nothing
     final/             the model (safetensors), its image processor (and the baseline's tokenizer)
     vision_tower/      the vision tower alone, a `CLIPVisionModel` with its image processor
     train_report.json  steps, samples/s, the loss curve, skipped samples and the config
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
@@ -51,6 +53,7 @@ from llm2clip.embed.whitening import fit_whitening
 from llm2clip.errors import InputError
 from llm2clip.fileio import atomic_dir, atomic_write_json, replace_dir
 from llm2clip.losses import ClipLoss, SigLipLoss
+from llm2clip.rerun import finished_run, total_runtime
 from llm2clip.stage2.data import (
     CacheRows,
     CaptionMix,
@@ -189,9 +192,13 @@ def train_stage2(config: Stage2Config) -> dict:
     checkpoint_dir = out / "checkpoints"
     args = training_arguments(config.train, checkpoint_dir, remove_unused_columns=False, dataloader_drop_last=True,
                               ddp_find_unused_parameters=False)
-    resume_from = resume_checkpoint(config.train, checkpoint_dir)
     main = args.process_index == 0
     say = print if main else lambda *a, **k: None
+    finished = finished_run("stage2", out, out / "train_report.json", [out / "final", out / "vision_tower"],
+                            config_to_dict(config), say)
+    if finished is not None:
+        return finished if main else {}
+    resume_from = resume_checkpoint(config.train, checkpoint_dir)
     shards = expand_shards(config.shards) if config.shards else None
 
     # The text side: cache rows (llm2clip) or captions to tokenise (clip baseline).
@@ -221,7 +228,9 @@ def train_stage2(config: Stage2Config) -> dict:
     model = build_model(config, cache.dim if cache else None, tokenizer)
     if cache is not None:
         manifest = cache.manifest  # so eval embeds new captions as the cache did, with this encoder only
-        model.config.text_encoder_name_or_path = manifest["encoder"]
+        encoder = Path(config.encoder or manifest["encoder"]).resolve()  # where it is now, not when cached
+        model.config.text_encoder_name_or_path = str(encoder)
+        model.config.text_encoder_relative_path = os.path.relpath(encoder, (out / "final").resolve())
         model.config.text_encoder_fingerprint = manifest["weight_hash"]
         model.config.text_encoder_pooling_mode = manifest["pooling_mode"]
         model.config.text_encoder_max_length = manifest["max_length"]
@@ -263,8 +272,9 @@ def train_stage2(config: Stage2Config) -> dict:
         "steps": trainer.state.global_step,
         "resumed_from_step": start_step,
         "steps_this_run": steps,
-        "train_runtime_s": round(seconds, 1),
-        "samples_per_s": round(steps * global_batch / seconds, 1) if steps else None,
+        "train_runtime_s": round(total_runtime(seconds, out / "train_report.json", resumed=start_step > 0), 1),  # over all runs
+        "runtime_this_run_s": round(seconds, 1),
+        "samples_per_s": round(steps * global_batch / seconds, 1) if steps else None,  # this run's
         "global_batch": global_batch,
         "images": len(dataset) if shards is None else None,
         "first_loss": curve[0]["loss"] if curve else None,
@@ -272,7 +282,7 @@ def train_stage2(config: Stage2Config) -> dict:
         "logit_scale": round(model.logit_scale.exp().item(), 3),
         "skipped": dict(skips),
         "loss_curve": curve,
-        "text_encoder": cache.manifest["encoder"] if cache is not None else None,
+        "text_encoder": model.config.text_encoder_name_or_path if cache is not None else None,
         "config": config_to_dict(config),
     }
     atomic_write_json(out / "train_report.json", report)

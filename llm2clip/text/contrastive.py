@@ -34,6 +34,7 @@ from llm2clip.data.records import load_image_texts, read_corpus
 from llm2clip.errors import InputError
 from llm2clip.fileio import atomic_write_json
 from llm2clip.losses import CaptionContrastiveLoss
+from llm2clip.rerun import finished_run, total_runtime
 from llm2clip.text.encoder import LLMEncoder
 from llm2clip.text.mntp import lora_config
 from llm2clip.training import LoraSettings, TrainSettings, resume_checkpoint, training_arguments
@@ -58,6 +59,7 @@ class ContrastiveConfig:
     )
 
 
+REPORT = "contrastive_report.json"
 SHORT, LONG = 0, 1  # pair kinds
 KIND_NAMES = {SHORT: "short (and plain-text) pairs", LONG: "long-caption pairs"}
 
@@ -178,7 +180,12 @@ def training_pairs(config: ContrastiveConfig) -> CaptionPairs:
     return CaptionPairs(groups, sentences, seed=config.train.seed, group_kinds=kinds)
 
 
-def train_contrastive(config: ContrastiveConfig) -> None:
+def train_contrastive(config: ContrastiveConfig) -> dict:
+    out = Path(config.out_dir)
+    finished = finished_run("stage1 contrastive", out, out / REPORT, [out / "adapter", out / "merged"],
+                            config_to_dict(config))
+    if finished is not None:
+        return finished
     pairs = training_pairs(config)
     encoder = LLMEncoder.from_pretrained(config.model, pooling_mode=config.pooling_mode)
     saved_max_length, encoder.max_length = encoder.max_length, config.max_length  # truncation while training only
@@ -198,7 +205,8 @@ def train_contrastive(config: ContrastiveConfig) -> None:
         encoder=encoder,
         loss_fn=CaptionContrastiveLoss(scale=config.scale),
     )
-    result = trainer.train(resume_from_checkpoint=resume_checkpoint(config.train, checkpoint_dir))
+    resume_from = resume_checkpoint(config.train, checkpoint_dir)
+    result = trainer.train(resume_from_checkpoint=resume_from)
 
     encoder.max_length = saved_max_length
     encoder.save_pretrained(config.out_dir / "adapter", merge=False)
@@ -213,8 +221,9 @@ def train_contrastive(config: ContrastiveConfig) -> None:
         "steps": trainer.state.global_step,
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
-        "train_runtime_s": result.metrics.get("train_runtime"),
+        "train_runtime_s": total_runtime(result.metrics["train_runtime"], out / REPORT, resumed=resume_from is not None),
     }
-    atomic_write_json(config.out_dir / "contrastive_report.json", report)
+    atomic_write_json(out / REPORT, report)
     print(f"caption contrastive: {report['steps']} steps, loss {report['first_loss']} -> {report['last_loss']}")
     print(f"wrote {config.out_dir / 'adapter'} and {config.out_dir / 'merged'}")
+    return report

@@ -25,10 +25,13 @@ from llm2clip.config import config_to_dict
 from llm2clip.data.records import read_corpus
 from llm2clip.errors import InputError
 from llm2clip.fileio import atomic_write_json
+from llm2clip.rerun import finished_run, total_runtime
 from llm2clip.text.encoder import LLMEncoder, check_supported_model_dir
 from llm2clip.training import LoraSettings, TrainSettings, resume_checkpoint, training_arguments
 
 logger = logging.getLogger(__name__)
+
+REPORT = "mntp_report.json"
 
 # llm2vec's mask token choices: "blank" is "_" (its default), "eos" is the tokenizer's eos token.
 MASK_TOKENS = {"blank": "_", "eos": None}
@@ -122,7 +125,11 @@ def export_mntp(peft_lm: PeftModel, tokenizer, config: MNTPConfig) -> None:
     encoder.save_pretrained(config.out_dir / "merged", merge=True)
 
 
-def train_mntp(config: MNTPConfig) -> None:
+def train_mntp(config: MNTPConfig) -> dict:
+    out = Path(config.out_dir)
+    finished = finished_run("stage1 mntp", out, out / REPORT, [out / "adapter", out / "merged"], config_to_dict(config))
+    if finished is not None:
+        return finished
     check_supported_model_dir(config.model)
     if not 0.0 < config.mask_ratio < 1.0:
         raise InputError(f"mask_ratio must be in (0, 1); got {config.mask_ratio}")
@@ -145,7 +152,8 @@ def train_mntp(config: MNTPConfig) -> None:
     checkpoint_dir = config.out_dir / "checkpoints"
     args = training_arguments(config.train, checkpoint_dir)
     trainer = Trainer(model=model, args=args, train_dataset=blocks, data_collator=collator)
-    result = trainer.train(resume_from_checkpoint=resume_checkpoint(config.train, checkpoint_dir))
+    resume_from = resume_checkpoint(config.train, checkpoint_dir)
+    result = trainer.train(resume_from_checkpoint=resume_from)
 
     export_mntp(model, tokenizer, config)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -155,8 +163,9 @@ def train_mntp(config: MNTPConfig) -> None:
         "steps": trainer.state.global_step,
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
-        "train_runtime_s": result.metrics.get("train_runtime"),
+        "train_runtime_s": total_runtime(result.metrics["train_runtime"], out / REPORT, resumed=resume_from is not None),
     }
-    atomic_write_json(config.out_dir / "mntp_report.json", report)
+    atomic_write_json(out / REPORT, report)
     print(f"MNTP: {report['steps']} steps, loss {report['first_loss']} -> {report['last_loss']}")
     print(f"wrote {config.out_dir / 'adapter'} and {config.out_dir / 'merged'}")
+    return report

@@ -31,7 +31,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from llm2clip.config import config_to_dict
 from llm2clip.errors import InputError
-from llm2clip.fileio import atomic_dir, atomic_write_json
+from llm2clip.fileio import atomic_dir, atomic_write_json, umask_modes
 from llm2clip.text.portability import make_config_portable
 from llm2clip.text.tokenizer_training import save_tokenizer, train_tokenizer
 from llm2clip.training import TrainSettings, training_arguments
@@ -259,6 +259,7 @@ def _save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, report: d
     make_config_portable(tmp)
     save_tokenizer(tokenizer, tmp)
     atomic_write_json(tmp / REPORT, report)
+    umask_modes(tmp)
     for path in sorted(tmp.iterdir(), key=lambda p: p.name == REPORT):
         os.replace(path, out_dir / path.name)
     tmp.rmdir()
