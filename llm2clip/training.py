@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,7 @@ class TrainSettings:
     gradient_accumulation_steps: int = 1
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
-    warmup_ratio: float = 0.05
+    warmup_ratio: float = 0.05  # fraction of max_steps, in [0, 1]
     lr_scheduler: str = "cosine"
     precision: str = "auto"  # auto (bf16 where the GPU has it) | fp32 | bf16 | fp16
     gradient_checkpointing: bool = False
@@ -58,6 +59,8 @@ def training_arguments(train: TrainSettings, checkpoint_dir: Path, **overrides) 
     """TrainingArguments for `train`, checkpointing into `checkpoint_dir`."""
     if train.deepspeed is not None and not Path(train.deepspeed).is_file():
         raise InputError(f"DeepSpeed config not found: {train.deepspeed}")
+    if not 0 <= train.warmup_ratio <= 1:
+        raise InputError(f"train.warmup_ratio must be in [0, 1], got {train.warmup_ratio}")
     kwargs = dict(
         output_dir=str(checkpoint_dir),
         max_steps=train.max_steps,
@@ -65,7 +68,8 @@ def training_arguments(train: TrainSettings, checkpoint_dir: Path, **overrides) 
         gradient_accumulation_steps=train.gradient_accumulation_steps,
         learning_rate=train.learning_rate,
         weight_decay=train.weight_decay,
-        warmup_steps=train.warmup_ratio,
+        # A float warmup_steps below 1 is a ratio to transformers, but 1.0 would be one step: pass a step count.
+        warmup_steps=math.ceil(train.max_steps * train.warmup_ratio),
         lr_scheduler_type=train.lr_scheduler,
         activation_checkpointing=train.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
