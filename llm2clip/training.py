@@ -9,12 +9,14 @@ from pathlib import Path
 
 import torch
 from transformers import TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import SchedulerType, get_last_checkpoint
 
 from llm2clip.errors import InputError
 
 logger = logging.getLogger(__name__)
 
+# Every schedule of transformers but those that step on evaluation metrics (our runs do not evaluate).
+LR_SCHEDULERS = [s.value for s in SchedulerType if s not in (SchedulerType.REDUCE_ON_PLATEAU, SchedulerType.GREEDY)]
 LLAMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -61,6 +63,8 @@ def training_arguments(train: TrainSettings, checkpoint_dir: Path, **overrides) 
         raise InputError(f"DeepSpeed config not found: {train.deepspeed}")
     if not 0 <= train.warmup_ratio <= 1:
         raise InputError(f"train.warmup_ratio must be in [0, 1], got {train.warmup_ratio}")
+    if train.lr_scheduler not in LR_SCHEDULERS:
+        raise InputError(f"unknown train.lr_scheduler {train.lr_scheduler!r}; use one of {', '.join(LR_SCHEDULERS)}")
     kwargs = dict(
         output_dir=str(checkpoint_dir),
         max_steps=train.max_steps,

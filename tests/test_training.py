@@ -4,6 +4,7 @@ import pytest
 from torch import nn
 from transformers import Trainer
 
+from llm2clip import cli
 from llm2clip.errors import InputError
 from llm2clip.training import TrainSettings, training_arguments
 
@@ -41,3 +42,10 @@ def test_warmup_ratio_zero_starts_at_the_peak(tmp_path):
 def test_warmup_ratio_outside_zero_one_is_refused(tmp_path, ratio):
     with pytest.raises(InputError, match=r"train.warmup_ratio must be in \[0, 1\], got"):
         training_arguments(TrainSettings(warmup_ratio=ratio), tmp_path)
+
+
+def test_unknown_lr_scheduler_is_one_line_naming_the_valid_ones(tmp_path, capsys):
+    code = cli.main(["stage2", f"out_dir={tmp_path}", "train.lr_scheduler=cosin"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1, err
+    assert "unknown train.lr_scheduler 'cosin'" in err and "cosine" in err and "linear" in err
