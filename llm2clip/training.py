@@ -72,8 +72,9 @@ def training_arguments(train: TrainSettings, checkpoint_dir: Path, **overrides) 
         gradient_accumulation_steps=train.gradient_accumulation_steps,
         learning_rate=train.learning_rate,
         weight_decay=train.weight_decay,
-        # A float warmup_steps below 1 is a ratio to transformers, but 1.0 would be one step: pass a step count.
-        warmup_steps=math.ceil(train.max_steps * train.warmup_ratio),
+        # transformers reads a warmup_steps below 1 as a fraction of the steps (epoch-based runs too), but 1.0 as
+        # one step: the float just below 1 warms up over every step.
+        warmup_steps=min(train.warmup_ratio, math.nextafter(1.0, 0.0)),
         lr_scheduler_type=train.lr_scheduler,
         activation_checkpointing=train.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},

@@ -9,9 +9,13 @@ from llm2clip.errors import InputError
 from llm2clip.training import TrainSettings, training_arguments
 
 
-def trainer_learning_rates(tmp_path, steps: int, **settings) -> list[float]:
-    """The learning rate of each of `steps` optimizer steps, from the scheduler the Trainer creates."""
-    args = training_arguments(TrainSettings(max_steps=steps, learning_rate=1.0, **settings), tmp_path)
+def trainer_learning_rates(tmp_path, steps: int, max_steps: int | None = None, **settings) -> list[float]:
+    """The learning rate of each of `steps` optimizer steps, from the scheduler the Trainer creates.
+
+    `max_steps` -1 stands for a run of a number of epochs, whose step count the Trainer works out.
+    """
+    max_steps = steps if max_steps is None else max_steps
+    args = training_arguments(TrainSettings(max_steps=max_steps, learning_rate=1.0, **settings), tmp_path)
     trainer = Trainer(model=nn.Linear(2, 2), args=args)
     trainer.create_optimizer_and_scheduler(num_training_steps=steps)
     rates = []
@@ -29,8 +33,9 @@ def test_warmup_ratio_is_a_fraction_of_the_steps(tmp_path, scheduler):
     assert rates[6] < 1.0
 
 
-def test_warmup_ratio_one_warms_up_over_every_step(tmp_path):
-    rates = trainer_learning_rates(tmp_path, 10, warmup_ratio=1.0, lr_scheduler="linear")
+@pytest.mark.parametrize("max_steps", [10, -1])
+def test_warmup_ratio_one_warms_up_over_every_step(tmp_path, max_steps):
+    rates = trainer_learning_rates(tmp_path, 10, max_steps, warmup_ratio=1.0, lr_scheduler="linear")
     assert rates == pytest.approx([i / 10 for i in range(10)])
 
 
