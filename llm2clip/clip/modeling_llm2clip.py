@@ -27,7 +27,7 @@ from transformers.utils import logging as hf_logging
 from llm2clip.clip.configuration_llm2clip import LLM2CLIPConfig
 from llm2clip.errors import InputError
 from llm2clip.fileio import atomic_dir
-from llm2clip.losses import ClipLoss, SigLipLoss
+from llm2clip.losses import stage2_loss
 
 
 @dataclass
@@ -92,13 +92,13 @@ class LLM2CLIPModel(PreTrainedModel):
         self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
         self.text_adapter = LLM2CLIPTextAdapter(config)
         self.text_projection = nn.Linear(config.text_embed_dim, config.projection_dim, bias=False)
+        loss = stage2_loss(config.loss)
+        self.loss_fn = loss.module()
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
-        if config.loss == "siglip":
+        if loss.logit_bias_init is not None:
             self.logit_bias = nn.Parameter(torch.tensor(float(config.logit_bias_init_value)))
-            self.loss_fn = SigLipLoss()
         else:
             self.register_parameter("logit_bias", None)
-            self.loss_fn = ClipLoss()
         self.post_init()
 
     @torch.no_grad()

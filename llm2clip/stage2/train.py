@@ -16,7 +16,6 @@ Outputs under `out_dir`:
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
@@ -50,7 +49,7 @@ from llm2clip.embed.cache import EmbeddingCache
 from llm2clip.embed.whitening import fit_whitening
 from llm2clip.errors import InputError
 from llm2clip.fileio import atomic_dir, atomic_write_json, replace_dir
-from llm2clip.losses import ClipLoss, SigLipLoss
+from llm2clip.losses import Stage2Loss, stage2_loss
 from llm2clip.stage2.data import (
     CacheRows,
     CaptionMix,
@@ -69,8 +68,6 @@ from llm2clip.stage2.webdataset import (
     shard_captions,
 )
 from llm2clip.training import TrainSettings, resume_checkpoint, training_arguments
-
-LOGIT_SCALE_MAX = math.log(100)
 
 
 @dataclass
@@ -146,12 +143,15 @@ class ClampLogitScale(TrainerCallback):
 
 
 class Stage2Trainer(Trainer):
-    """The Trainer with a contrastive compute_loss, open_clip's weight decay and shard-aware loading."""
+    """The Trainer with a contrastive compute_loss, open_clip's weight decay and shard-aware loading.
 
-    def __init__(self, *args, loss_fn: nn.Module, logit_scale_max: float, **kwargs):
+    `loss` (`llm2clip.losses.STAGE2_LOSSES`) gives the loss module and the clamp on the log logit scale.
+    """
+
+    def __init__(self, *args, loss: Stage2Loss, **kwargs):
         super().__init__(*args, **kwargs)
-        self.loss_fn = loss_fn
-        self.logit_scale_max = logit_scale_max
+        self.loss_fn = loss.module()
+        self.logit_scale_max = loss.logit_scale_max
         self.read_skips: Counter[str] = Counter()  # samples skipped while reading tar shards, on this rank
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -235,15 +235,14 @@ def train_stage2(config: Stage2Config) -> dict:
         f"caption mix {mix.weights}; {config.train.max_steps} steps of {args.per_device_train_batch_size} x "
         f"{args.gradient_accumulation_steps} x {args.world_size}")
 
-    logit_scale_max = model.config.logit_scale_max if cache is not None else LOGIT_SCALE_MAX
+    loss = stage2_loss(config.loss)
     trainer = Stage2Trainer(
         model=model,
         args=args,
         train_dataset=dataset,
         data_collator=ImageCaptionCollator(processor, cache, tokenizer, max_length=config.text.max_length),
-        loss_fn=SigLipLoss() if config.loss == "siglip" else ClipLoss(),
-        logit_scale_max=logit_scale_max,
-        callbacks=[ClampLogitScale(logit_scale_max)],
+        loss=loss,
+        callbacks=[ClampLogitScale(loss.logit_scale_max)],
     )
     start_step = TrainerState.load_from_json(f"{resume_from}/trainer_state.json").global_step if resume_from else 0
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -348,8 +347,12 @@ def _new_vision_config(vision: VisionSettings) -> CLIPVisionConfig:
 
 def build_model(config: Stage2Config, text_dim: int | None,
                  tokenizer: PreTrainedTokenizerBase | None) -> PreTrainedModel:
-    """A fresh stage-2 model of `config.model_type`: LLM2CLIP on `text_dim`-wide cached embeddings, or CLIP."""
+    """A fresh stage-2 model of `config.model_type`: LLM2CLIP on `text_dim`-wide cached embeddings, or CLIP.
+
+    Its logit scale (and bias) start where `config.loss` says (`llm2clip.losses.STAGE2_LOSSES`).
+    """
     vision = config.vision
+    loss = stage2_loss(config.loss)
     if config.model_type == "llm2clip":
         sizes = {"text_embed_dim": text_dim, "adapter_hidden_dim": config.adapter.hidden_dim,
                  "adapter_depth": config.adapter.depth, "adapter_whitening": config.adapter.whiten,
@@ -375,7 +378,7 @@ def build_model(config: Stage2Config, text_dim: int | None,
         )
         vision_config = _new_vision_config(vision)
         model = CLIPModel(CLIPConfig(text_config=text_config.to_dict(), vision_config=vision_config.to_dict(),
-                                     projection_dim=config.projection_dim))
+                                     projection_dim=config.projection_dim, logit_scale_init_value=loss.logit_scale_init))
     # CLIPModel lays out its vision side like LLM2CLIPModel (vision_model, visual_projection): one locking rule.
     LLM2CLIPModel.lock_vision_layers(model, config.unlocked_vision_groups)
     return model
