@@ -28,6 +28,7 @@ from llm2clip.clip.configuration_llm2clip import LLM2CLIPConfig
 from llm2clip.errors import InputError
 from llm2clip.fileio import atomic_dir
 from llm2clip.losses import stage2_loss
+from llm2clip.weights import require_weights
 
 
 @dataclass
@@ -131,6 +132,7 @@ class LLM2CLIPModel(PreTrainedModel):
         if model_type not in ("clip", "clip_vision_model"):
             raise InputError(f"{clip_dir}: model_type is {model_type!r}, expected a CLIP checkpoint "
                              "('clip' or 'clip_vision_model')")
+        require_weights(clip_dir)
         with _errors_only():  # a CLIPModel's text tower would be listed as unexpected keys
             tower, info = CLIPVisionModel.from_pretrained(clip_dir, dtype=torch.float32, output_loading_info=True)
         if info["missing_keys"]:

@@ -23,6 +23,7 @@ from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel, PreTraine
 
 from llm2clip.clip.modeling_llm2clip import clip_image_processor
 from llm2clip.errors import InputError
+from llm2clip.weights import require_weights
 
 if TYPE_CHECKING:
     from llm2clip.clip import LLM2CLIPModel
@@ -132,6 +133,7 @@ def load_tower(
     config_file = model_dir / "config.json"
     if not config_file.is_file():
         raise InputError(f"{model_dir}: no config.json; expected an LLM2CLIP or CLIP checkpoint directory")
+    require_weights(model_dir)
     model_type = json.loads(config_file.read_text()).get("model_type")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if model_type == "llm2clip":

@@ -68,6 +68,7 @@ from llm2clip.stage2.webdataset import (
     shard_captions,
 )
 from llm2clip.training import TrainSettings, resume_checkpoint, training_arguments
+from llm2clip.weights import require_weights
 
 
 @dataclass
@@ -291,6 +292,12 @@ def _check(config: Stage2Config) -> None:
         raise InputError(f"max_images must be at least 1, got {config.max_images}")
     if config.shuffle_buffer < 1:
         raise InputError(f"shuffle_buffer must be at least 1, got {config.shuffle_buffer}")
+    pretrained = config.vision.pretrained
+    if pretrained is not None:  # before the data and the cache are read
+        if not (Path(pretrained) / "config.json").is_file():
+            raise InputError(f"vision.pretrained {pretrained}: no config.json; expected a local Hugging Face CLIP "
+                             "checkpoint directory")
+        require_weights(pretrained)
 
 
 def _counts(skips: Counter[str]) -> str:

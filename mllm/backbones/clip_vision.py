@@ -9,6 +9,7 @@ import torch
 from transformers import AutoImageProcessor, CLIPVisionModel, LlavaImageProcessor
 
 from llm2clip.errors import InputError
+from llm2clip.weights import require_weights
 from mllm.backbones.base import VisionBackbone, VisionParts
 
 MODEL_TYPES = ("clip_vision_model", "clip")
@@ -26,6 +27,7 @@ class CLIPVisionBackbone(VisionBackbone):
         if model_type not in MODEL_TYPES:
             raise InputError(f"vision tower {path} has model_type {model_type!r}; the clip backbone takes "
                              f"{' or '.join(MODEL_TYPES)}")
+        require_weights(path)
         if not (path / "preprocessor_config.json").is_file():
             raise InputError(f"vision tower {path} has no preprocessor_config.json (its image processor)")
         model = CLIPVisionModel.from_pretrained(path, dtype=dtype)
