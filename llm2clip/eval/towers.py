@@ -133,7 +133,6 @@ def load_tower(
     config_file = model_dir / "config.json"
     if not config_file.is_file():
         raise InputError(f"{model_dir}: no config.json; expected an LLM2CLIP or CLIP checkpoint directory")
-    require_weights(model_dir)
     model_type = json.loads(config_file.read_text()).get("model_type")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if model_type == "llm2clip":
@@ -141,6 +140,7 @@ def load_tower(
         from llm2clip.embed import weight_hash
         from llm2clip.text.encoder import LLMEncoder
 
+        require_weights(model_dir)
         model = LLM2CLIPModel.from_pretrained(model_dir).to(device)
         text_encoder = text_encoder or getattr(model.config, "text_encoder_name_or_path", None)
         if not text_encoder:
@@ -159,6 +159,7 @@ def load_tower(
         processor = image_processor(model_dir, model.config.vision_config.image_size)
         return LLM2CLIPTower(model, processor, encoder, batch_size)
     if model_type == "clip":
+        require_weights(model_dir)
         model = CLIPModel.from_pretrained(model_dir).to(device)
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -27,9 +27,9 @@ class CLIPVisionBackbone(VisionBackbone):
         if model_type not in MODEL_TYPES:
             raise InputError(f"vision tower {path} has model_type {model_type!r}; the clip backbone takes "
                              f"{' or '.join(MODEL_TYPES)}")
-        require_weights(path)
         if not (path / "preprocessor_config.json").is_file():
             raise InputError(f"vision tower {path} has no preprocessor_config.json (its image processor)")
+        require_weights(path)
         model = CLIPVisionModel.from_pretrained(path, dtype=dtype)
         source = AutoImageProcessor.from_pretrained(path).to_dict()
         # LLaVA-1.5 pads every image to a square of the mean colour before resizing: do_pad does exactly that.
