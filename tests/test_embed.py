@@ -158,6 +158,13 @@ def test_empty_captions_and_images_without_captions(tmp_path, encoder_dir, capsy
     with pytest.raises(InputError, match="holds kinds long, not 'short'"):
         cache.rows(0, "short")
 
+    lines += [{"image": f"{i}.png", "captions": ["a red circle"]} for i in range(8)]
+    lines += [{"image": "d.png", "captions": [], "long_caption": "a long caption without a short one"}]
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    build_cache(config(encoder_dir, data, tmp_path / "cache2", split=None, kinds=["short"]))
+    assert "entries of " + str(data) + " left out: 1 with long captions but no short ones" in capsys.readouterr().out
+    assert EmbeddingCache(tmp_path / "cache2").manifest["skipped_entries"] == {"with long captions but no short ones": 1}
+
     records = [ImageText(image=Path("a.png"), captions=["a cat", "", "  "], translated=["un chat"])]
     table = caption_table(records, ["short", "translated"])
     assert table.texts == ["a cat", "un chat"] and table.skipped_empty == 2

@@ -339,6 +339,19 @@ def test_clip_baseline_run(small_world, tmp_path, capsys):
     torch.testing.assert_close(tower.state_dict()["post_layernorm.weight"], model.vision_model.post_layernorm.weight)
 
 
+def test_entries_left_out_of_the_data_file_are_in_the_summary_and_the_report(small_world, tmp_path, capsys):
+    data = write_jsonl(small_world, tmp_path / "captions.jsonl")
+    image = load_image_texts(small_world, "train")[0].image
+    with data.open("a") as f:  # long captions but no short ones: left out, and counted
+        f.write(json.dumps({"image": str(image), "captions": [], "long_caption": "a long caption"}) + "\n")
+    out = tmp_path / "clip"
+    train_stage2(tiny(data, tmp_path / "no-cache", None, out, "model_type=clip", "train.max_steps=1",
+                      "train.save_steps=1"))
+    assert report(out)["skipped"] == {"with long captions but no short ones": 1}
+    printed = capsys.readouterr().out
+    assert "20 of 20 images usable; skipped 1 with long captions but no short ones" in printed
+
+
 @pytest.mark.parametrize("model_type", ["llm2clip", "clip"])
 def test_run_on_tar_shards(small_world, cache_dir, encoder_dir, tmp_path, model_type):
     write_shards(small_world, tmp_path / "shards", count=2)

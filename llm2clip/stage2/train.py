@@ -197,7 +197,8 @@ def train_stage2(config: Stage2Config) -> dict:
 
     # The text side: cache rows (llm2clip) or captions to tokenise (clip baseline).
     cache = tokenizer = None
-    records = _records(config) if config.model_type == "llm2clip" or shards is None else None
+    skips: Counter[str] = Counter()  # entries of the data file, then samples, left out
+    records = _records(config, skips) if config.model_type == "llm2clip" or shards is None else None
     if config.model_type == "llm2clip":
         cache = _checked_cache(config, records, mix)
     else:
@@ -205,7 +206,6 @@ def train_stage2(config: Stage2Config) -> dict:
         tokenizer = _baseline_tokenizer(config, captions, mix, out, resuming=resume_from is not None, save=main)
 
     # The data: a map-style dataset checked up front, or tar shards checked as they are read.
-    skips: Counter[str] = Counter()
     if shards is not None:
         captions = CacheRowsByKey(cache, records) if cache is not None else own_captions
         dataset = ShardDataset(shards, mix, captions, seed=config.train.seed, shuffle_buffer=config.shuffle_buffer,
@@ -213,7 +213,8 @@ def train_stage2(config: Stage2Config) -> dict:
         say(f"stage2: {len(shards)} tar shard(s); bad samples are skipped and counted as they are read")
     else:
         captions = CacheRows(cache) if cache is not None else RecordTexts(records)
-        dataset, skips, examples = image_caption_dataset(records, captions, mix)
+        dataset, dataset_skips, examples = image_caption_dataset(records, captions, mix)
+        skips.update(dataset_skips)
         say(f"stage2: {len(dataset)} of {len(records)} images usable; skipped {_counts(skips)}")
         for reason, example in examples.items():
             say(f"  e.g. {reason}: {example}")
@@ -304,8 +305,8 @@ def _counts(skips: Counter[str]) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in skips.items()) or "nothing"
 
 
-def _records(config: Stage2Config) -> list[ImageText]:
-    return load_image_texts(config.data, config.split, config.image_root)[: config.max_images]
+def _records(config: Stage2Config, skipped: Counter[str]) -> list[ImageText]:
+    return load_image_texts(config.data, config.split, config.image_root, skipped)[: config.max_images]
 
 
 def _checked_cache(config: Stage2Config, records: list[ImageText], mix: CaptionMix) -> EmbeddingCache:
