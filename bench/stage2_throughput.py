@@ -42,7 +42,7 @@ from transformers.utils import logging as hf_logging
 
 from llm2clip.data.synth import SynthConfig, sample_split
 from llm2clip.data.vocabulary import long_caption, short_captions
-from llm2clip.losses import ClipLoss
+from llm2clip.losses import stage2_loss
 from llm2clip.stage2.train import ClampLogitScale, Stage2Config, Stage2Trainer, build_model
 from llm2clip.text.encoder import LLMEncoder
 from llm2clip.text.tokenizer_training import train_tokenizer
@@ -82,9 +82,9 @@ def ours(config: Stage2Config, dim: int, out: Path) -> tuple[Stage2Trainer, Call
     model = build_model(config, dim, None)
     args = training_arguments(config.train, out, remove_unused_columns=False, dataloader_drop_last=True,
                               ddp_find_unused_parameters=False, disable_tqdm=True)
-    clamp = ClampLogitScale(model.config.logit_scale_max)
-    trainer = Stage2Trainer(model=model, args=args, loss_fn=ClipLoss(), logit_scale_max=model.config.logit_scale_max,
-                            callbacks=[clamp])
+    loss = stage2_loss(config.loss)
+    clamp = ClampLogitScale(loss.logit_scale_max)
+    trainer = Stage2Trainer(model=model, args=args, loss=loss, callbacks=[clamp])
     trainer.create_optimizer()
     model, trainer.optimizer = trainer.accelerator.prepare(model, trainer.optimizer)
     trainer.create_scheduler(num_training_steps=config.train.max_steps)

@@ -3,16 +3,22 @@
 Each rank scores its local rows against the features gathered from every rank (`local_loss`). The
 gather keeps gradients (`gather_with_grad`), so with DDP's gradient averaging the update equals the
 one of a single process on the concatenated batch. Stage 1 uses `CaptionContrastiveLoss`; stage 2
-uses `ClipLoss` (InfoNCE) or `SigLipLoss` (sigmoid).
+uses `ClipLoss` (InfoNCE) or `SigLipLoss` (sigmoid), picked by name from `STAGE2_LOSSES` with the
+logit scale and bias each one starts from.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.nn.functional import all_gather as all_gather_with_grad
+
+from llm2clip.errors import InputError
 
 
 def world_info() -> tuple[int, int]:
@@ -123,3 +129,28 @@ class SigLipLoss(nn.Module):
         columns = torch.arange(all_texts.shape[0], device=logits.device)
         labels = 2.0 * (columns[None, :] == rows[:, None]).to(logits.dtype) - 1.0  # +1 matches, -1 elsewhere
         return -F.logsigmoid(labels * logits).sum() / batch
+
+
+@dataclass(frozen=True)
+class Stage2Loss:
+    """A stage-2 loss and its learnable logits: the initial log scale and bias, and the clamp on the log scale."""
+
+    module: type[nn.Module]
+    logit_scale_init: float  # log of the initial scale
+    logit_scale_max: float  # the log scale stays in [0, logit_scale_max]
+    logit_bias_init: float | None  # None: the loss has no bias
+
+
+STAGE2_LOSSES = {
+    "clip": Stage2Loss(ClipLoss, logit_scale_init=math.log(1 / 0.07), logit_scale_max=math.log(100),
+                       logit_bias_init=None),
+    "siglip": Stage2Loss(SigLipLoss, logit_scale_init=math.log(10), logit_scale_max=math.log(100),
+                         logit_bias_init=-10.0),  # the SigLIP paper's t = 10, b = -10
+}
+
+
+def stage2_loss(name: str) -> Stage2Loss:
+    """The stage-2 loss called `name` ("clip" or "siglip")."""
+    if name not in STAGE2_LOSSES:
+        raise InputError(f"unknown loss {name!r}; use one of {', '.join(STAGE2_LOSSES)}")
+    return STAGE2_LOSSES[name]

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import SchedulerType, get_last_checkpoint
 
 from llm2clip.errors import InputError
 
 logger = logging.getLogger(__name__)
 
+# Every schedule of transformers but those that step on evaluation metrics (our runs do not evaluate).
+LR_SCHEDULERS = [s.value for s in SchedulerType if s not in (SchedulerType.REDUCE_ON_PLATEAU, SchedulerType.GREEDY)]
 LLAMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -32,7 +35,7 @@ class TrainSettings:
     gradient_accumulation_steps: int = 1
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
-    warmup_ratio: float = 0.05
+    warmup_ratio: float = 0.05  # fraction of max_steps, in [0, 1]
     lr_scheduler: str = "cosine"
     precision: str = "auto"  # auto (bf16 where the GPU has it) | fp32 | bf16 | fp16
     gradient_checkpointing: bool = False
@@ -58,6 +61,10 @@ def training_arguments(train: TrainSettings, checkpoint_dir: Path, **overrides) 
     """TrainingArguments for `train`, checkpointing into `checkpoint_dir`."""
     if train.deepspeed is not None and not Path(train.deepspeed).is_file():
         raise InputError(f"DeepSpeed config not found: {train.deepspeed}")
+    if not 0 <= train.warmup_ratio <= 1:
+        raise InputError(f"train.warmup_ratio must be in [0, 1], got {train.warmup_ratio}")
+    if train.lr_scheduler not in LR_SCHEDULERS:
+        raise InputError(f"unknown train.lr_scheduler {train.lr_scheduler!r}; use one of {', '.join(LR_SCHEDULERS)}")
     kwargs = dict(
         output_dir=str(checkpoint_dir),
         max_steps=train.max_steps,
@@ -65,7 +72,9 @@ def training_arguments(train: TrainSettings, checkpoint_dir: Path, **overrides) 
         gradient_accumulation_steps=train.gradient_accumulation_steps,
         learning_rate=train.learning_rate,
         weight_decay=train.weight_decay,
-        warmup_steps=train.warmup_ratio,
+        # transformers reads a warmup_steps below 1 as a fraction of the steps (epoch-based runs too), but 1.0 as
+        # one step: the float just below 1 warms up over every step.
+        warmup_steps=min(train.warmup_ratio, math.nextafter(1.0, 0.0)),
         lr_scheduler_type=train.lr_scheduler,
         activation_checkpointing=train.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},

@@ -22,6 +22,7 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from llm2clip.errors import InputError
 from llm2clip.fileio import atomic_dir
+from llm2clip.weights import require_weights
 from mllm.backbones import language_backbone, vision_backbone
 from mllm.templates import vicuna_v1
 
@@ -104,6 +105,7 @@ def load_llava(path: Path, dtype: torch.dtype = torch.float32) -> tuple[LlavaFor
     kind = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
     if kind != "llava":
         raise InputError(f"{path} is not a Llava checkpoint directory (config.json model_type: {kind!r})")
+    require_weights(path)
     return LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype), AutoProcessor.from_pretrained(path)
 
 

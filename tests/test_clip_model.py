@@ -89,6 +89,19 @@ def test_siglip_model_has_a_bias_and_uses_the_sigmoid_loss():
     assert torch.allclose(out.logits_per_text, scale * out.text_embeds @ out.image_embeds.T - 10.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("loss, scale, bias", [("clip", 1 / 0.07, None), ("siglip", 10.0, -10.0)])
+def test_each_loss_starts_at_its_papers_scale_and_bias_and_a_checkpoint_keeps_them(tmp_path, loss, scale, bias):
+    model = tiny_model(loss=loss)
+    assert model.logit_scale.exp().item() == pytest.approx(scale, rel=1e-6)
+    assert (model.logit_bias is None) if bias is None else model.logit_bias.item() == pytest.approx(bias)
+    assert model.config.logit_scale_max == pytest.approx(math.log(100))
+    model.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert loaded.logit_scale.item() == model.logit_scale.item()
+    assert loaded.config.logit_scale_init_value == model.config.logit_scale_init_value
+    assert (loaded.logit_bias is None) if bias is None else loaded.logit_bias.item() == model.logit_bias.item()
+
+
 def test_save_and_auto_load_round_trip_in_safetensors(tmp_path):
     model = tiny_model(loss="siglip")
     with torch.no_grad():

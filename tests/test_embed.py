@@ -13,13 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from llm2clip.cli import main
 from llm2clip.config import load_config
 from llm2clip.data.records import ImageText, load_image_texts
 from llm2clip.data.synth import SynthConfig, generate_world
 from llm2clip.embed import KINDS, EmbeddingCache, caption_hash, caption_table, weight_hash
+from llm2clip.embed import cache as cache_module
 from llm2clip.embed.build import EmbedConfig, build_cache
+from llm2clip.embed.cache import DIGESTS_FILE
 from llm2clip.errors import InputError
 from llm2clip.text.encoder import LLMEncoder
 
@@ -155,6 +158,13 @@ def test_empty_captions_and_images_without_captions(tmp_path, encoder_dir, capsy
     with pytest.raises(InputError, match="holds kinds long, not 'short'"):
         cache.rows(0, "short")
 
+    lines += [{"image": f"{i}.png", "captions": ["a red circle"]} for i in range(8)]
+    lines += [{"image": "d.png", "captions": [], "long_caption": "a long caption without a short one"}]
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    build_cache(config(encoder_dir, data, tmp_path / "cache2", split=None, kinds=["short"]))
+    assert "entries of " + str(data) + " left out: 1 with long captions but no short ones" in capsys.readouterr().out
+    assert EmbeddingCache(tmp_path / "cache2").manifest["skipped_entries"] == {"with long captions but no short ones": 1}
+
     records = [ImageText(image=Path("a.png"), captions=["a cat", "", "  "], translated=["un chat"])]
     table = caption_table(records, ["short", "translated"])
     assert table.texts == ["a cat", "un chat"] and table.skipped_empty == 2
@@ -216,6 +226,50 @@ def test_weight_hash_covers_weights_and_settings(tmp_path, encoder_dir, other_en
     assert weight_hash(copy) != weight_hash(encoder_dir)
     with pytest.raises(InputError, match="holds no .safetensors weights"):
         weight_hash(tmp_path)
+
+
+def save_three_tensors(folder: Path, middle: float) -> Path:
+    """model.safetensors of two 2.4 MB tensors around a small one: the middle one lies past each end's first MiB."""
+    folder.mkdir(exist_ok=True)
+    save_file({"a": torch.zeros(600_000), "b": torch.full((16,), middle), "c": torch.ones(600_000)},
+              folder / "model.safetensors")
+    return folder
+
+
+def test_weight_hash_reads_every_tensor(tmp_path):
+    first, second = save_three_tensors(tmp_path / "first", 0.0), save_three_tensors(tmp_path / "second", 1.0)
+    assert (first / "model.safetensors").stat().st_size == (second / "model.safetensors").stat().st_size
+    assert weight_hash(first) != weight_hash(second)
+
+
+def test_weight_hash_is_stored_beside_the_weights_and_redone_for_a_changed_file(tmp_path, monkeypatch):
+    model = save_three_tensors(tmp_path / "model", 0.0)
+    fingerprint = weight_hash(model)
+    assert json.loads((model / DIGESTS_FILE).read_text())["model.safetensors"]["size"] > 0
+
+    hashed: list[str] = []
+    file_digest = cache_module._file_digest
+    monkeypatch.setattr(cache_module, "_file_digest", lambda path: hashed.append(path.name) or file_digest(path))
+    assert weight_hash(model) == fingerprint and hashed == []  # read back, not recomputed
+
+    weights = model / "model.safetensors"
+    old_mtime = weights.stat().st_mtime_ns
+    save_three_tensors(model, 1.0)  # same size, other middle tensor
+    os.utime(weights, ns=(old_mtime + 10**9, old_mtime + 10**9))
+    changed = weight_hash(model)
+    assert hashed == ["model.safetensors"] and changed != fingerprint
+    assert changed == weight_hash(save_three_tensors(tmp_path / "fresh", 1.0))
+
+
+def test_weight_hash_of_a_read_only_directory_is_computed_each_time(tmp_path, monkeypatch):
+    model = save_three_tensors(tmp_path / "model", 0.0)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(cache_module, "atomic_write_json", refuse)
+    assert weight_hash(model) == weight_hash(model)
+    assert not (model / DIGESTS_FILE).exists()
 
 
 def test_another_encoder_or_dataset_needs_overwrite(tmp_path, world, encoder_dir, other_encoder_dir, capsys):

@@ -1,7 +1,7 @@
 """Loaders for local image-text files: the world, JSONL, COCO-Karpathy and ShareGPT4V/LLaVA JSON."""
 
 import json
-import warnings
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -87,16 +87,16 @@ def test_jsonl_absolute_image_path(tmp_path):
 
 
 def test_karpathy_coco_fixture():
-    with pytest.warns(UserWarning, match=r"skipped 1 entry \(1 with no captions\)"):
-        train = load_image_texts(FIXTURES / "karpathy_coco.json")
-    # "restval" counts as train; the image with no sentences is skipped with a warning.
+    skipped = Counter()
+    train = load_image_texts(FIXTURES / "karpathy_coco.json", skipped=skipped)
+    # "restval" counts as train; the image with no sentences is skipped and counted.
+    assert skipped == {"with no captions": 1}
     assert [r.id for r in train] == ["101", "202"]
     assert train[0].captions == ["A dog runs across a grassy field.", "a brown dog playing outside"]
     assert train[1].image == (FIXTURES / "val2014" / "COCO_val2014_000000000202.jpg").resolve()
     test = load_image_texts(FIXTURES / "karpathy_coco.json", split="test")
     assert [len(r.captions) for r in test] == [2]
-    with pytest.warns(UserWarning):
-        assert len(load_image_texts(FIXTURES / "karpathy_coco.json", split=None)) == 4
+    assert len(load_image_texts(FIXTURES / "karpathy_coco.json", split=None)) == 4
 
 
 def test_karpathy_flickr_fixture_without_filepath(tmp_path):
@@ -106,8 +106,9 @@ def test_karpathy_flickr_fixture_without_filepath(tmp_path):
 
 
 def test_sharegpt4v_fixture():
-    with pytest.warns(UserWarning, match=r"skipped 2 entries \(1 without an image, 1 with no captions\)"):
-        records = load_image_texts(FIXTURES / "sharegpt4v.json")
+    skipped = Counter()
+    records = load_image_texts(FIXTURES / "sharegpt4v.json", skipped=skipped)
+    assert skipped == {"without an image": 1, "with no captions": 1}
     first, second = records
     assert first.captions == ["The image shows a wooden table by a window."]
     assert first.long_captions[0].endswith("from the left.")
@@ -159,16 +160,32 @@ def test_not_utf8(tmp_path):
         load_image_texts(path)
 
 
-def test_entries_without_captions_are_skipped_with_one_warning(tmp_path):
-    path = tmp_path / "data.jsonl"
-    lines = [{"image": "a.png", "captions": ["a cat"]}, {"image": "b.png", "captions": []},
-             {"image": "c.png", "captions": "  "}, {"image": "d.png"}]
+def write_jsonl(path: Path, lines: list[dict]) -> Path:
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        records = load_image_texts(path)
+    return path
+
+
+def test_entries_without_captions_are_counted_by_reason(tmp_path):
+    lines = [{"image": "a.png", "captions": ["a cat"]}, {"image": "b.png", "captions": []},
+             {"image": "c.png", "captions": "  "}, {"image": "d.png", "captions": [], "long_caption": "a long one"}]
+    skipped = Counter()
+    records = load_image_texts(write_jsonl(tmp_path / "data.jsonl", lines), skipped=skipped)
     assert [r.captions for r in records] == [["a cat"]]
-    assert len(caught) == 1 and "skipped 3 entries (3 with no captions)" in str(caught[0].message)
+    assert skipped == {"with no captions": 2, "with long captions but no short ones": 1}
+
+
+def test_a_file_whose_lines_lack_the_caption_key_names_the_key_and_the_first_line(tmp_path):
+    lines = [{"image": f"{i}.png", **({"captions": ["a cat"]} if i % 2 else {"caption": "a cat"})} for i in range(20)]
+    with pytest.raises(InputError, match=r"data.jsonl: 10 of 20 entries lack their caption key \(more than 10%\); "
+                                         r"the first: line 1 has key 'caption', expected 'captions'"):
+        load_image_texts(write_jsonl(tmp_path / "data.jsonl", lines))
+
+
+def test_a_few_lines_without_the_caption_key_are_counted(tmp_path):
+    lines = [{"image": f"{i}.png", "captions": ["a cat"]} for i in range(19)] + [{"image": "x.png", "text": "a cat"}]
+    skipped = Counter()
+    assert len(load_image_texts(write_jsonl(tmp_path / "data.jsonl", lines), skipped=skipped)) == 19
+    assert skipped == {"with no 'captions' key": 1}
 
 
 def test_empty_after_filtering(tmp_path):
@@ -178,7 +195,7 @@ def test_empty_after_filtering(tmp_path):
         load_image_texts(path, split="test")
     only_empty = tmp_path / "empty.jsonl"
     only_empty.write_text(json.dumps({"image": "a.png", "captions": []}) + "\n")
-    with pytest.warns(UserWarning), pytest.raises(InputError, match="no usable entries"):
+    with pytest.raises(InputError, match=r"no usable entries in split .train. \(1 with no captions\)"):
         load_image_texts(only_empty)
 
 

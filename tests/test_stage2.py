@@ -41,6 +41,7 @@ from llm2clip.embed.cache import EmbeddingCache, weight_hash
 from llm2clip.embed.whitening import fit_whitening
 from llm2clip.errors import InputError
 from llm2clip.eval.towers import load_tower
+from llm2clip.losses import stage2_loss
 from llm2clip.stage2.data import (
     CacheRows,
     CaptionMix,
@@ -49,13 +50,20 @@ from llm2clip.stage2.data import (
     image_caption_dataset,
     train_caption_tokenizer,
 )
-from llm2clip.stage2.train import ClampLogitScale, Stage2Config, train_stage2
+from llm2clip.stage2.train import (
+    ClampLogitScale,
+    Stage2Config,
+    Stage2Trainer,
+    build_model,
+    train_stage2,
+)
 from llm2clip.stage2.webdataset import (
     ShardDataset,
     expand_shards,
     read_samples,
     sample_captions,
 )
+from llm2clip.training import training_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -385,6 +393,19 @@ def test_clip_baseline_run(small_world, tmp_path, capsys):
     torch.testing.assert_close(tower.state_dict()["post_layernorm.weight"], model.vision_model.post_layernorm.weight)
 
 
+def test_entries_left_out_of_the_data_file_are_in_the_summary_and_the_report(small_world, tmp_path, capsys):
+    data = write_jsonl(small_world, tmp_path / "captions.jsonl")
+    image = load_image_texts(small_world, "train")[0].image
+    with data.open("a") as f:  # long captions but no short ones: left out, and counted
+        f.write(json.dumps({"image": str(image), "captions": [], "long_caption": "a long caption"}) + "\n")
+    out = tmp_path / "clip"
+    train_stage2(tiny(data, tmp_path / "no-cache", None, out, "model_type=clip", "train.max_steps=1",
+                      "train.save_steps=1"))
+    assert report(out)["skipped"] == {"with long captions but no short ones": 1}
+    printed = capsys.readouterr().out
+    assert "20 of 20 images usable; skipped 1 with long captions but no short ones" in printed
+
+
 @pytest.mark.parametrize("model_type", ["llm2clip", "clip"])
 def test_run_on_tar_shards(small_world, cache_dir, encoder_dir, tmp_path, model_type):
     write_shards(small_world, tmp_path / "shards", count=2)
@@ -423,6 +444,32 @@ def test_logit_scale_is_clamped_after_each_step():
         model.logit_scale.fill_(7.0)
     ClampLogitScale(math.log(100)).on_step_end(None, None, None, model=model)
     assert math.isclose(model.logit_scale.item(), math.log(100), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("model_type, loss, scale, bias", [
+    ("llm2clip", "clip", 1 / 0.07, None), ("llm2clip", "siglip", 10.0, -10.0), ("clip", "clip", 1 / 0.07, None)])
+def test_a_new_stage2_model_starts_at_its_losss_scale_and_bias(model_type, loss, scale, bias):
+    config = load_config(Stage2Config, None, [f"model_type={model_type}", f"loss={loss}", *TINY])
+    tokenizer = train_caption_tokenizer(["a red circle", "a blue square"], 300, 77) if model_type == "clip" else None
+    model = build_model(config, 8, tokenizer)
+    assert model.logit_scale.exp().item() == pytest.approx(scale, rel=1e-6)
+    assert getattr(model, "logit_bias", None) is None if bias is None else model.logit_bias.item() == bias
+
+
+def test_the_trainer_computes_the_models_own_loss(tmp_path):
+    """The trainer's loss (through the features) equals the model's forward loss: one loss, one clamp."""
+    config = load_config(Stage2Config, None, ["loss=siglip", *TINY])
+    model = build_model(config, 8, None).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(9.0)  # past the clamp
+        model.logit_bias.fill_(-3.0)
+    trainer = Stage2Trainer(model=model, args=training_arguments(config.train, tmp_path),
+                            loss=stage2_loss(config.loss))
+    torch.manual_seed(0)
+    batch = {"pixel_values": torch.randn(4, 3, 32, 32), "llm_embeddings": torch.randn(4, 8)}
+    with torch.no_grad():
+        expected = model(**batch, return_loss=True).loss
+        assert torch.allclose(trainer.compute_loss(model, dict(batch)), expected)
 
 
 # --- bad input -----------------------------------------------------------------------------------

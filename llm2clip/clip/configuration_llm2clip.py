@@ -1,10 +1,11 @@
 """Configuration of the LLM2CLIP model: a CLIP vision tower and an adapter over frozen LLM caption embeddings."""
 
-import math
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict
 from transformers import CLIPVisionConfig, PreTrainedConfig
+
+from llm2clip.losses import stage2_loss
 
 
 @strict
@@ -23,14 +24,14 @@ class LLM2CLIPConfig(PreTrainedConfig):
         buffers in the checkpoint (stage 2 fits them on its cache, `llm2clip.embed.whitening`).
     projection_dim (`int`, defaults to 1280):
         Dimension of the shared image-text space.
-    logit_scale_init_value (`float`, defaults to log(1/0.07)):
-        Initial value of the learnable log logit scale.
-    logit_scale_max (`float`, defaults to log(100)):
-        The log logit scale is clamped at this value.
     loss (`"clip"` or `"siglip"`, defaults to `"clip"`):
         InfoNCE (softmax) or sigmoid loss; `"siglip"` adds a learnable logit bias.
-    logit_bias_init_value (`float`, defaults to -10.0):
-        Initial logit bias of the sigmoid loss.
+    logit_scale_init_value (`float`, *optional*):
+        Initial value of the learnable log logit scale; the loss's own when None (clip: log(1/0.07), siglip: log(10)).
+    logit_scale_max (`float`, *optional*):
+        The log logit scale is clamped at this value; the loss's own when None (log(100)).
+    logit_bias_init_value (`float`, *optional*):
+        Initial logit bias of the sigmoid loss; the loss's own when None (siglip: -10).
     initializer_range (`float`, defaults to 0.02):
         Standard deviation of the adapter's initial weights.
     text_encoder_name_or_path (`str`, *optional*):
@@ -54,16 +55,26 @@ class LLM2CLIPConfig(PreTrainedConfig):
     adapter_depth: int = 4
     adapter_whitening: bool = False
     projection_dim: int = 1280
-    logit_scale_init_value: float | int = math.log(1 / 0.07)
-    logit_scale_max: float | int = math.log(100)
     loss: Literal["clip", "siglip"] = "clip"
-    logit_bias_init_value: float | int = -10.0
+    logit_scale_init_value: float | int | None = None
+    logit_scale_max: float | int | None = None
+    logit_bias_init_value: float | int | None = None
     initializer_range: float = 0.02
     text_encoder_name_or_path: str | None = None
     text_encoder_relative_path: str | None = None
     text_encoder_fingerprint: str | None = None
     text_encoder_pooling_mode: str | None = None
     text_encoder_max_length: int | None = None
+
+    def __post_init__(self, **kwargs):
+        loss = stage2_loss(self.loss)  # unset logit settings are the loss's
+        if self.logit_scale_init_value is None:
+            self.logit_scale_init_value = loss.logit_scale_init
+        if self.logit_scale_max is None:
+            self.logit_scale_max = loss.logit_scale_max
+        if self.logit_bias_init_value is None:
+            self.logit_bias_init_value = loss.logit_bias_init
+        super().__post_init__(**kwargs)
 
     def validate_llm2clip(self):
         """Part of `@strict` validation: sizes must make a model."""

@@ -27,7 +27,8 @@ from transformers.utils import logging as hf_logging
 from llm2clip.clip.configuration_llm2clip import LLM2CLIPConfig
 from llm2clip.errors import InputError
 from llm2clip.fileio import atomic_dir
-from llm2clip.losses import ClipLoss, SigLipLoss
+from llm2clip.losses import stage2_loss
+from llm2clip.weights import require_weights
 
 
 @dataclass
@@ -92,13 +93,13 @@ class LLM2CLIPModel(PreTrainedModel):
         self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
         self.text_adapter = LLM2CLIPTextAdapter(config)
         self.text_projection = nn.Linear(config.text_embed_dim, config.projection_dim, bias=False)
+        loss = stage2_loss(config.loss)
+        self.loss_fn = loss.module()
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
-        if config.loss == "siglip":
+        if loss.logit_bias_init is not None:
             self.logit_bias = nn.Parameter(torch.tensor(float(config.logit_bias_init_value)))
-            self.loss_fn = SigLipLoss()
         else:
             self.register_parameter("logit_bias", None)
-            self.loss_fn = ClipLoss()
         self.post_init()
 
     @torch.no_grad()
@@ -131,6 +132,7 @@ class LLM2CLIPModel(PreTrainedModel):
         if model_type not in ("clip", "clip_vision_model"):
             raise InputError(f"{clip_dir}: model_type is {model_type!r}, expected a CLIP checkpoint "
                              "('clip' or 'clip_vision_model')")
+        require_weights(clip_dir)
         with _errors_only():  # a CLIPModel's text tower would be listed as unexpected keys
             tower, info = CLIPVisionModel.from_pretrained(clip_dir, dtype=torch.float32, output_loading_info=True)
         if info["missing_keys"]:

@@ -9,14 +9,19 @@
 - a ShareGPT4V / LLaVA `.json` (`[{"id", "image", "conversations": [human, gpt]}]`): the gpt turn
   is the long caption and its first sentence the short one (as Long-CLIP does).
 Images are not opened here; `check_image` does that for the training data pipeline.
+
+Entries that cannot be used (no image, no short caption, ...) are left out and counted by reason, for
+the calling step to report. An entry that lacks the format's caption key altogether ('caption' for
+'captions', say) is a mistake in the file: past `MAX_MISSING_KEY_FRACTION` of a file's entries that is
+an InputError naming the first such entry.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
-import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,6 +32,43 @@ from PIL import Image
 from llm2clip.errors import InputError
 
 WORLD_SPLITS = ("train", "val", "test")
+JSONL_KEYS = ("id", "image", "captions", "long_caption", "long_captions", "captions_fr", "long_caption_fr", "qa",
+              "split")
+KARPATHY_KEYS = ("filepath", "filename", "split", "sentences", "sentids", "imgid", "cocoid")
+MAX_MISSING_KEY_FRACTION = 0.1  # of a file's entries that may lack the caption key before the file is refused
+
+
+class _FileSkips:
+    """The entries of one file that are left out, by reason, and the first that lacks the caption key."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.entries = 0  # of the requested split
+        self.reasons: Counter[str] = Counter()
+        self.missing_key = 0
+        self.first_missing_key = ""
+
+    def keep(self) -> None:
+        self.entries += 1
+
+    def skip(self, reason: str) -> None:
+        self.entries += 1
+        self.reasons[reason] += 1
+
+    def skip_missing_key(self, entry: dict, key: str, known: tuple[str, ...], where: str) -> None:
+        """Leave out `entry`, which has no `key` (the format's keys are `known`); `where` names it ("line 2")."""
+        self.skip(f"with no '{key}' key")
+        self.missing_key += 1
+        if not self.first_missing_key:
+            unknown = [name for name in entry if name not in known]
+            near = difflib.get_close_matches(key, unknown, n=1) or unknown[:1]
+            self.first_missing_key = (f"{where} has key '{near[0]}', expected '{key}'" if near
+                                      else f"{where} has no '{key}' key")
+
+    def check(self) -> None:
+        if self.missing_key > MAX_MISSING_KEY_FRACTION * self.entries:
+            raise InputError(f"{self.path}: {self.missing_key} of {self.entries} entries lack their caption key "
+                             f"(more than {MAX_MISSING_KEY_FRACTION:.0%}); the first: {self.first_missing_key}")
 
 
 @dataclass
@@ -39,14 +81,16 @@ class ImageText:
     id: str = ""
 
 
-def load_image_texts(path: str | Path, split: str | None = "train", image_root: str | Path | None = None) -> list[ImageText]:
+def load_image_texts(path: str | Path, split: str | None = "train", image_root: str | Path | None = None,
+                     skipped: Counter[str] | None = None) -> list[ImageText]:
     """Records of one split (None: all). Splits apply to world directories, Karpathy JSON and JSONL
     lines that carry a "split" key; ShareGPT4V files have none. Image paths are resolved against
-    `image_root`, by default the directory of the file that lists them."""
+    `image_root`, by default the directory of the file that lists them. The entries left out are
+    added to `skipped` by reason, for the caller to report."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"dataset not found: {path}")
-    skipped: Counter[str] = Counter()
+    skipped = Counter() if skipped is None else skipped
     if path.is_dir():
         if not (path / "world.json").is_file():
             raise InputError(f"{path} is a directory without world.json; give a world directory, a .jsonl or a .json file")
@@ -72,13 +116,10 @@ def load_image_texts(path: str | Path, split: str | None = "train", image_root: 
             )
     else:
         raise InputError(f"{path}: unknown dataset format; give a world directory, a .jsonl or a .json file")
-    if skipped:
-        reasons = ", ".join(f"{n} {reason}" for reason, n in skipped.items())
-        total = sum(skipped.values())
-        warnings.warn(f"{path}: skipped {total} {'entry' if total == 1 else 'entries'} ({reasons})", stacklevel=2)
     if not records:
         where = f" in split '{split}'" if split else ""
-        raise InputError(f"{path}: no usable entries{where}")
+        left_out = f" ({', '.join(f'{n} {reason}' for reason, n in skipped.items())})" if skipped else ""
+        raise InputError(f"{path}: no usable entries{where}{left_out}")
     return records
 
 
@@ -133,6 +174,7 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
 def _read_jsonl(path: Path, split: str | None, image_root: str | Path | None, skipped: Counter[str]) -> list[ImageText]:
     root = _root(path, image_root)
     records = []
+    skips = _FileSkips(path)
     for lineno, entry in read_jsonl(path):
         where = f"{path}:{lineno}"
         if not isinstance(entry, dict):
@@ -141,23 +183,30 @@ def _read_jsonl(path: Path, split: str | None, image_root: str | Path | None, sk
             continue
         if not isinstance(entry.get("image"), str):
             raise InputError(f"{where}: needs an 'image' path (string)")
-        captions = _texts(entry.get("captions"), where, "captions")
+        if "captions" not in entry:
+            skips.skip_missing_key(entry, "captions", JSONL_KEYS, f"line {lineno}")
+            continue
+        captions = _texts(entry["captions"], where, "captions")
+        long_captions = (_texts(entry.get("long_caption"), where, "long_caption")
+                         + _texts(entry.get("long_captions"), where, "long_captions"))
         if not captions:
-            skipped["with no captions"] += 1
+            skips.skip("with long captions but no short ones" if long_captions else "with no captions")
             continue
         qa = entry.get("qa", [])
         if not isinstance(qa, list) or not all(isinstance(q, dict) for q in qa):
             raise InputError(f"{where}: 'qa' must be a list of objects")
+        skips.keep()
         records.append(ImageText(
             image=_absolute(root, entry["image"]),
             captions=captions,
-            long_captions=_texts(entry.get("long_caption"), where, "long_caption")
-            + _texts(entry.get("long_captions"), where, "long_captions"),
+            long_captions=long_captions,
             translated=_texts(entry.get("captions_fr"), where, "captions_fr")
             + _texts(entry.get("long_caption_fr"), where, "long_caption_fr"),
             qa=qa,
             id=str(entry.get("id", f"{path.stem}-{lineno}")),
         ))
+    skips.check()
+    skipped.update(skips.reasons)
     return records
 
 
@@ -165,22 +214,29 @@ def _read_karpathy(path: Path, images: list, split: str | None, image_root: str 
                    skipped: Counter[str]) -> list[ImageText]:
     root = _root(path, image_root)
     records = []
+    skips = _FileSkips(path)
     for k, image in enumerate(images):
         where = f"{path}: images[{k}]"
         if not isinstance(image, dict) or not isinstance(image.get("filename"), str):
             raise InputError(f"{where} needs a 'filename'")
         if split and _split_name(image.get("split", "train")) != split:
             continue
-        sentences = image.get("sentences", [])
+        if "sentences" not in image:
+            skips.skip_missing_key(image, "sentences", KARPATHY_KEYS, f"images[{k}]")
+            continue
+        sentences = image["sentences"]
         if not isinstance(sentences, list) or not all(isinstance(s, dict) and isinstance(s.get("raw"), str) for s in sentences):
             raise InputError(f"{where}: 'sentences' must be a list of objects with a 'raw' string")
         captions = [s["raw"].strip() for s in sentences if s["raw"].strip()]
         if not captions:
-            skipped["with no captions"] += 1
+            skips.skip("with no captions")
             continue
+        skips.keep()
         file = Path(image.get("filepath", "")) / image["filename"]
         records.append(ImageText(image=_absolute(root, str(file)), captions=captions,
                                  id=str(image.get("cocoid", image.get("imgid", k)))))
+    skips.check()
+    skipped.update(skips.reasons)
     return records
 
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -76,7 +77,8 @@ def _build(config: EmbedConfig) -> Path:
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     say = print if rank == 0 else lambda *args: None
     out = Path(config.out_dir)
-    records = load_image_texts(config.data, config.split)[: config.max_images]
+    skipped_entries: Counter[str] = Counter()
+    records = load_image_texts(config.data, config.split, skipped=skipped_entries)[: config.max_images]
     table = caption_table(records, config.kinds)
     if not table.texts:
         raise InputError(f"{config.data}: no non-empty captions of kinds {', '.join(config.kinds)} to cache")
@@ -92,8 +94,10 @@ def _build(config: EmbedConfig) -> Path:
         say(f"embed: {out} already holds the complete cache of this encoder and dataset ({len(table.texts)} rows); "
             "nothing to do")
         return out
+    entries = ", ".join(f"{n} {reason}" for reason, n in skipped_entries.items()) or "none"
     say(f"embed: skipped {table.skipped_empty} empty caption(s); {table.images_without_captions} of {len(records)} "
-        f"image(s) have no caption of kinds {', '.join(request['kinds'])}")
+        f"image(s) have no caption of kinds {', '.join(request['kinds'])}; entries of {config.data} left out: "
+        f"{entries}")
     _barrier()  # every rank has decided before rank 0 changes the directory
     if rank == 0:  # keep this build's finished shards only; everything else is rewritten
         out.mkdir(parents=True, exist_ok=True)
@@ -112,6 +116,7 @@ def _build(config: EmbedConfig) -> Path:
         "format": FORMAT, "complete": False, "key": key, **request,
         "pooling_mode": encoder.pooling_mode, "max_length": encoder.max_length, "dim": encoder.embedding_dim,
         "skipped_empty": table.skipped_empty, "images_without_captions": table.images_without_captions,
+        "skipped_entries": dict(skipped_entries),
         "kind_counts": {kind: int((table.kind == KINDS.index(kind)).sum()) for kind in request["kinds"]},
         "shards": [{"file": shard_name(s, key), "rows": n} for s, n in enumerate(sizes)],
     }

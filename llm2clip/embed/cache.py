@@ -27,14 +27,14 @@ import numpy as np
 
 from llm2clip.data.records import ImageText
 from llm2clip.errors import InputError
-from llm2clip.fileio import atomic_save_npy
+from llm2clip.fileio import atomic_save_npy, atomic_write_json
 
 KINDS = ("short", "long", "translated")
-FORMAT = 1
+FORMAT = 2  # 2: weight_hash reads whole weight files (1 sampled them)
 MANIFEST = "manifest.json"
 ROW_FILES = {"image": "rows_image.npy", "kind": "rows_kind.npy", "offsets": "rows_offsets.npy"}
-SAMPLE_BYTES = 1 << 20  # bytes hashed at each end of a weight file
 MAX_HEADER = 100_000_000  # the safetensors format's own limit
+DIGESTS_FILE = "weight_digests.json"  # per-file sha256 kept beside the weights, keyed by name, size and mtime
 SMALL_FILES = ("config.json", "llm2vec_config.json", "adapter_config.json", "tokenizer.json",
                "tokenizer_config.json", "special_tokens_map.json")
 REBUILD = "rebuild the cache with `llm2clip embed ... overwrite=true`"
@@ -100,10 +100,12 @@ def caption_hash(records: Sequence[ImageText], kinds: Sequence[str]) -> str:
 
 
 def weight_hash(model_dir: str | os.PathLike) -> str:
-    """A fingerprint of an encoder directory that takes milliseconds even for 16 GB of weights.
+    """A fingerprint of an encoder directory's weights and settings.
 
-    sha256 over each safetensors file's name, size, header and first and last MiB, the whole of
-    its small config and tokenizer files, and, for an adapter-only directory, its local base model.
+    sha256 over the name, size and sha256 of each whole safetensors file, the whole of its small config
+    and tokenizer files, and, for an adapter-only directory, its local base model. The digest of each
+    weight file is kept in `weight_digests.json` beside it, so each file is read once (16 GB take
+    seconds at disk speed); a file whose size or mtime has changed is read again.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -112,18 +114,8 @@ def weight_hash(model_dir: str | os.PathLike) -> str:
     if not weights:
         raise InputError(f"{model_dir} holds no .safetensors weights")
     digest = hashlib.sha256()
-    for path in weights:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            header_size = int.from_bytes(f.read(8), "little")
-            if header_size > min(size - 8, MAX_HEADER):
-                raise InputError(f"{path} is not a valid safetensors file (header of {header_size} bytes)")
-            header = f.read(header_size)
-            f.seek(0)
-            first = f.read(SAMPLE_BYTES)
-            f.seek(max(0, size - SAMPLE_BYTES))
-            last = f.read(SAMPLE_BYTES)
-        for part in (path.name.encode(), str(size).encode(), header, first, last):
+    for name, size, file_sha256 in _weight_digests(model_dir, weights):
+        for part in (name.encode(), str(size).encode(), bytes.fromhex(file_sha256)):
             digest.update(len(part).to_bytes(8, "little") + part)
     for name in SMALL_FILES:
         if (model_dir / name).is_file():
@@ -136,6 +128,41 @@ def weight_hash(model_dir: str | os.PathLike) -> str:
         if base and Path(base).is_dir():
             digest.update(weight_hash(base).encode())
     return digest.hexdigest()
+
+
+def _weight_digests(model_dir: Path, weights: list[Path]) -> list[tuple[str, int, str]]:
+    """(name, size, sha256) of each weight file: from `DIGESTS_FILE` where its size and mtime still match."""
+    stored_file = model_dir / DIGESTS_FILE
+    try:
+        stored = json.loads(stored_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        stored = {}
+    stored = stored if isinstance(stored, dict) else {}
+    entries = {}
+    for path in weights:
+        stat = path.stat()
+        entry = stored.get(path.name)
+        if not (isinstance(entry, dict) and entry.get("size") == stat.st_size
+                and entry.get("mtime_ns") == stat.st_mtime_ns and isinstance(entry.get("sha256"), str)):
+            entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": _file_digest(path)}
+        entries[path.name] = entry
+    if entries != stored:
+        try:
+            atomic_write_json(stored_file, entries)
+        except OSError:  # a read-only directory: the digests are simply computed again next time
+            pass
+    return [(name, entry["size"], entry["sha256"]) for name, entry in entries.items()]
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a whole safetensors file (header and tensor data), streamed."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        if header_size > min(size - 8, MAX_HEADER):
+            raise InputError(f"{path} is not a valid safetensors file (header of {header_size} bytes)")
+        f.seek(0)
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def shard_name(index: int, key: str) -> str:

@@ -43,6 +43,9 @@ def markdown(report: dict) -> str:
     skipped = report["skipped_images"]
     if skipped["count"]:
         lines.append(f"- skipped {skipped['count']} unreadable image(s), e.g. {skipped['reasons'][0]}")
+    if report.get("skipped_entries"):
+        entries = ", ".join(f"{n} {reason}" for reason, n in report["skipped_entries"].items())
+        lines.append(f"- left out entries of the data: {entries}")
     return "\n".join(lines) + "\n"
 
 

@@ -9,6 +9,7 @@ Writes report.json and report.md under out_dir and prints the table.
 from __future__ import annotations
 
 import gc
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +68,7 @@ class Plan:
     classnames: list[str]
     templates: list[str]
     unreadable: list[str]  # why each skipped image could not be used
+    skipped_entries: dict[str, int]  # entries of the data file left out, by reason
 
 
 def _check(config: EvalConfig) -> None:
@@ -160,8 +162,10 @@ def build_plan(config: EvalConfig) -> Plan:
         return reasons[path] is None
 
     records: list[ImageText] = []
+    skipped_entries: Counter[str] = Counter()
     if any(task != "zeroshot" for task in tasks):
-        records = [r for r in load_image_texts(config.data, config.split)[: config.max_images] if readable(r.image)]
+        records = [r for r in load_image_texts(config.data, config.split, skipped=skipped_entries)[: config.max_images]
+                   if readable(r.image)]
     labelled, classnames, templates = [], [], []
     if "zeroshot" in tasks:
         classnames = read_classnames(config.classnames) if config.classnames else list(SHAPES)
@@ -187,7 +191,7 @@ def build_plan(config: EvalConfig) -> Plan:
             info[task] = {"images": len(labelled), "classes": len(classnames)} if labelled else {
                 "skipped": "no readable labelled image"}
     return Plan(images, info, retrieval, pairs_ab, [(row[image], label) for image, label in labelled], classnames,
-                templates, [reason for reason in reasons.values() if reason is not None])
+                templates, [reason for reason in reasons.values() if reason is not None], dict(skipped_entries))
 
 
 def evaluate_tower(tower: ImageTextTower, plan: Plan, batch_size: int) -> dict[str, dict[str, float]]:
@@ -222,6 +226,7 @@ def evaluate(config: EvalConfig) -> dict:
         "split": config.split,
         "tasks": work.info,
         "skipped_images": {"count": len(work.unreadable), "reasons": work.unreadable[:MAX_LISTED_REASONS]},
+        "skipped_entries": work.skipped_entries,
         "models": [],
         "config": config_to_dict(config),
     }

@@ -23,6 +23,7 @@ from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel, PreTraine
 
 from llm2clip.clip.modeling_llm2clip import clip_image_processor
 from llm2clip.errors import InputError
+from llm2clip.weights import require_weights
 
 if TYPE_CHECKING:
     from llm2clip.clip import LLM2CLIPModel
@@ -148,6 +149,7 @@ def load_tower(
         from llm2clip.embed import weight_hash
         from llm2clip.text.encoder import LLMEncoder
 
+        require_weights(model_dir)
         model = LLM2CLIPModel.from_pretrained(model_dir).to(device)
         text_encoder = text_encoder or _recorded_encoder(model_dir, model.config)
         if not text_encoder:
@@ -166,6 +168,7 @@ def load_tower(
         processor = image_processor(model_dir, model.config.vision_config.image_size)
         return LLM2CLIPTower(model, processor, encoder, batch_size)
     if model_type == "clip":
+        require_weights(model_dir)
         model = CLIPModel.from_pretrained(model_dir).to(device)
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -17,7 +17,6 @@ Outputs under `out_dir`:
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from collections import Counter
@@ -52,7 +51,7 @@ from llm2clip.embed.cache import EmbeddingCache
 from llm2clip.embed.whitening import fit_whitening
 from llm2clip.errors import InputError
 from llm2clip.fileio import atomic_dir, atomic_write_json, replace_dir
-from llm2clip.losses import ClipLoss, SigLipLoss
+from llm2clip.losses import Stage2Loss, stage2_loss
 from llm2clip.rerun import finished_run, total_runtime
 from llm2clip.stage2.data import (
     CacheRows,
@@ -72,8 +71,7 @@ from llm2clip.stage2.webdataset import (
     shard_captions,
 )
 from llm2clip.training import TrainSettings, resume_checkpoint, training_arguments
-
-LOGIT_SCALE_MAX = math.log(100)
+from llm2clip.weights import require_weights
 
 
 @dataclass
@@ -149,12 +147,15 @@ class ClampLogitScale(TrainerCallback):
 
 
 class Stage2Trainer(Trainer):
-    """The Trainer with a contrastive compute_loss, open_clip's weight decay and shard-aware loading."""
+    """The Trainer with a contrastive compute_loss, open_clip's weight decay and shard-aware loading.
 
-    def __init__(self, *args, loss_fn: nn.Module, logit_scale_max: float, **kwargs):
+    `loss` (`llm2clip.losses.STAGE2_LOSSES`) gives the loss module and the clamp on the log logit scale.
+    """
+
+    def __init__(self, *args, loss: Stage2Loss, **kwargs):
         super().__init__(*args, **kwargs)
-        self.loss_fn = loss_fn
-        self.logit_scale_max = logit_scale_max
+        self.loss_fn = loss.module()
+        self.logit_scale_max = loss.logit_scale_max
         self.read_skips: Counter[str] = Counter()  # samples skipped while reading tar shards, on this rank
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -203,7 +204,8 @@ def train_stage2(config: Stage2Config) -> dict:
 
     # The text side: cache rows (llm2clip) or captions to tokenise (clip baseline).
     cache = tokenizer = None
-    records = _records(config) if config.model_type == "llm2clip" or shards is None else None
+    skips: Counter[str] = Counter()  # entries of the data file, then samples, left out
+    records = _records(config, skips) if config.model_type == "llm2clip" or shards is None else None
     if config.model_type == "llm2clip":
         cache = _checked_cache(config, records, mix)
     else:
@@ -211,7 +213,6 @@ def train_stage2(config: Stage2Config) -> dict:
         tokenizer = _baseline_tokenizer(config, captions, mix, out, resuming=resume_from is not None, save=main)
 
     # The data: a map-style dataset checked up front, or tar shards checked as they are read.
-    skips: Counter[str] = Counter()
     if shards is not None:
         captions = CacheRowsByKey(cache, records) if cache is not None else own_captions
         dataset = ShardDataset(shards, mix, captions, seed=config.train.seed, shuffle_buffer=config.shuffle_buffer,
@@ -219,7 +220,8 @@ def train_stage2(config: Stage2Config) -> dict:
         say(f"stage2: {len(shards)} tar shard(s); bad samples are skipped and counted as they are read")
     else:
         captions = CacheRows(cache) if cache is not None else RecordTexts(records)
-        dataset, skips, examples = image_caption_dataset(records, captions, mix)
+        dataset, dataset_skips, examples = image_caption_dataset(records, captions, mix)
+        skips.update(dataset_skips)
         say(f"stage2: {len(dataset)} of {len(records)} images usable; skipped {_counts(skips)}")
         for reason, example in examples.items():
             say(f"  e.g. {reason}: {example}")
@@ -244,15 +246,14 @@ def train_stage2(config: Stage2Config) -> dict:
         f"caption mix {mix.weights}; {config.train.max_steps} steps of {args.per_device_train_batch_size} x "
         f"{args.gradient_accumulation_steps} x {args.world_size}")
 
-    logit_scale_max = model.config.logit_scale_max if cache is not None else LOGIT_SCALE_MAX
+    loss = stage2_loss(config.loss)
     trainer = Stage2Trainer(
         model=model,
         args=args,
         train_dataset=dataset,
         data_collator=ImageCaptionCollator(processor, cache, tokenizer, max_length=config.text.max_length),
-        loss_fn=SigLipLoss() if config.loss == "siglip" else ClipLoss(),
-        logit_scale_max=logit_scale_max,
-        callbacks=[ClampLogitScale(logit_scale_max)],
+        loss=loss,
+        callbacks=[ClampLogitScale(loss.logit_scale_max)],
     )
     start_step = TrainerState.load_from_json(f"{resume_from}/trainer_state.json").global_step if resume_from else 0
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -302,14 +303,20 @@ def _check(config: Stage2Config) -> None:
         raise InputError(f"max_images must be at least 1, got {config.max_images}")
     if config.shuffle_buffer < 1:
         raise InputError(f"shuffle_buffer must be at least 1, got {config.shuffle_buffer}")
+    pretrained = config.vision.pretrained
+    if pretrained is not None:  # before the data and the cache are read
+        if not (Path(pretrained) / "config.json").is_file():
+            raise InputError(f"vision.pretrained {pretrained}: no config.json; expected a local Hugging Face CLIP "
+                             "checkpoint directory")
+        require_weights(pretrained)
 
 
 def _counts(skips: Counter[str]) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in skips.items()) or "nothing"
 
 
-def _records(config: Stage2Config) -> list[ImageText]:
-    return load_image_texts(config.data, config.split, config.image_root)[: config.max_images]
+def _records(config: Stage2Config, skipped: Counter[str]) -> list[ImageText]:
+    return load_image_texts(config.data, config.split, config.image_root, skipped)[: config.max_images]
 
 
 def _checked_cache(config: Stage2Config, records: list[ImageText], mix: CaptionMix) -> EmbeddingCache:
@@ -358,8 +365,12 @@ def _new_vision_config(vision: VisionSettings) -> CLIPVisionConfig:
 
 def build_model(config: Stage2Config, text_dim: int | None,
                  tokenizer: PreTrainedTokenizerBase | None) -> PreTrainedModel:
-    """A fresh stage-2 model of `config.model_type`: LLM2CLIP on `text_dim`-wide cached embeddings, or CLIP."""
+    """A fresh stage-2 model of `config.model_type`: LLM2CLIP on `text_dim`-wide cached embeddings, or CLIP.
+
+    Its logit scale (and bias) start where `config.loss` says (`llm2clip.losses.STAGE2_LOSSES`).
+    """
     vision = config.vision
+    loss = stage2_loss(config.loss)
     if config.model_type == "llm2clip":
         sizes = {"text_embed_dim": text_dim, "adapter_hidden_dim": config.adapter.hidden_dim,
                  "adapter_depth": config.adapter.depth, "adapter_whitening": config.adapter.whiten,
@@ -385,7 +396,7 @@ def build_model(config: Stage2Config, text_dim: int | None,
         )
         vision_config = _new_vision_config(vision)
         model = CLIPModel(CLIPConfig(text_config=text_config.to_dict(), vision_config=vision_config.to_dict(),
-                                     projection_dim=config.projection_dim))
+                                     projection_dim=config.projection_dim, logit_scale_init_value=loss.logit_scale_init))
     # CLIPModel lays out its vision side like LLM2CLIPModel (vision_model, visual_projection): one locking rule.
     LLM2CLIPModel.lock_vision_layers(model, config.unlocked_vision_groups)
     return model

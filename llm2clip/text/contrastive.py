@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,8 +164,9 @@ class CaptionContrastiveTrainer(Trainer):
         return (loss, {"embeddings": embeddings}) if return_outputs else loss
 
 
-def training_pairs(config: ContrastiveConfig) -> CaptionPairs:
-    records = load_image_texts(config.data, split=config.split)
+def training_pairs(config: ContrastiveConfig, skipped: Counter[str] | None = None) -> CaptionPairs:
+    """The caption pairs of `config.data`; the entries left out are added to `skipped` by reason."""
+    records = load_image_texts(config.data, split=config.split, skipped=skipped)
     groups = [r.captions for r in records]
     kinds = [SHORT] * len(groups)
     if config.include_long_captions:
@@ -186,7 +188,10 @@ def train_contrastive(config: ContrastiveConfig) -> dict:
                             config_to_dict(config))
     if finished is not None:
         return finished
-    pairs = training_pairs(config)
+    skipped: Counter[str] = Counter()
+    pairs = training_pairs(config, skipped)
+    left_out = ", ".join(f"{n} {reason}" for reason, n in skipped.items()) or "none"
+    print(f"caption contrastive: {len(pairs.groups)} caption groups; entries of {config.data} left out: {left_out}")
     encoder = LLMEncoder.from_pretrained(config.model, pooling_mode=config.pooling_mode)
     saved_max_length, encoder.max_length = encoder.max_length, config.max_length  # truncation while training only
     encoder.model = get_peft_model(encoder.model, lora_config(config.lora))
@@ -218,6 +223,7 @@ def train_contrastive(config: ContrastiveConfig) -> dict:
         "caption_pairs": len(pairs.groups),
         "long_caption_pairs": pairs.kinds.count(LONG),
         "plain_text_pairs": len(pairs.sentences),
+        "skipped_entries": dict(skipped),
         "steps": trainer.state.global_step,
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,

@@ -26,6 +26,7 @@ from llm2clip.fileio import atomic_dir
 from llm2clip.text import pooling
 from llm2clip.text.portability import make_config_portable, make_tokenizer_portable
 from llm2clip.text.prompts import apply_template, join_instruction, split_instruction, truncate_words
+from llm2clip.weights import ADAPTER_WEIGHTS, SAFETENSORS_WEIGHTS, require_weights
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -93,6 +94,7 @@ class LLMEncoder(nn.Module):
         for adapter in adapters:
             if not (adapter / ADAPTER_CONFIG).is_file():
                 raise InputError(f"adapter directory {adapter} has no {ADAPTER_CONFIG}")
+            require_weights(adapter, ADAPTER_WEIGHTS)
         settings = dict(DEFAULTS)
         for folder in (path, *adapters):
             settings.update(_read_settings(folder))
@@ -232,7 +234,8 @@ def _read_json(path: Path) -> dict:
 
 
 def check_supported_model_dir(path: str | os.PathLike) -> dict:
-    """The config.json of a model directory whose architecture the encoder supports."""
+    """The config.json of a model directory whose architecture the encoder supports, and that holds its weights
+    (in llm2vec's MNTP layout: an adapter over the base model its adapter_config.json names)."""
     path = Path(path)
     if not path.is_dir():
         raise InputError(f"model directory not found: {path}")
@@ -245,6 +248,7 @@ def check_supported_model_dir(path: str | os.PathLike) -> dict:
         raise InputError(
             f"{path}: unsupported model_type '{model_type}'; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    require_weights(path, ADAPTER_WEIGHTS if (path / ADAPTER_CONFIG).is_file() else SAFETENSORS_WEIGHTS)
     return config
 
 
@@ -283,6 +287,8 @@ def _load_base(name: str | Path | None, dtype: torch.dtype, device: torch.device
     """The base transformer without LM head, from safetensors only (never pickle)."""
     if not name:
         raise InputError(f"{source} names no base model")
+    if Path(name).is_dir():
+        require_weights(name, SAFETENSORS_WEIGHTS)
     try:
         return AutoModel.from_pretrained(name, dtype=dtype, device_map=str(device), use_safetensors=True)
     except OSError as err:

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llm2clip.errors import InputError
+from llm2clip.weights import require_weights
 from mllm.backbones.base import LanguageBackbone, LanguageParts
 
 
@@ -17,6 +18,7 @@ class CausalLMBackbone(LanguageBackbone):
     def load(self, path: Path, dtype: torch.dtype) -> LanguageParts:
         if not (path / "config.json").is_file():
             raise InputError(f"LLM {path} has no config.json")
+        require_weights(path)
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(path)

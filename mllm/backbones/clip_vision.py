@@ -9,6 +9,7 @@ import torch
 from transformers import AutoImageProcessor, CLIPVisionModel, LlavaImageProcessor
 
 from llm2clip.errors import InputError
+from llm2clip.weights import require_weights
 from mllm.backbones.base import VisionBackbone, VisionParts
 
 MODEL_TYPES = ("clip_vision_model", "clip")
@@ -28,6 +29,7 @@ class CLIPVisionBackbone(VisionBackbone):
                              f"{' or '.join(MODEL_TYPES)}")
         if not (path / "preprocessor_config.json").is_file():
             raise InputError(f"vision tower {path} has no preprocessor_config.json (its image processor)")
+        require_weights(path)
         model = CLIPVisionModel.from_pretrained(path, dtype=dtype)
         source = AutoImageProcessor.from_pretrained(path).to_dict()
         # LLaVA-1.5 pads every image to a square of the mean colour before resizing: do_pad does exactly that.
