@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import datasets
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from llm2clip.data.records import load_image_texts
@@ -209,6 +211,23 @@ def test_train_contrastive_outputs_load_and_agree(tmp_path, encoder_dir, small_w
     merged = LLMEncoder.from_pretrained(out / "merged").encode(texts, show_progress=False)
     stacked = LLMEncoder.from_pretrained(encoder_dir, adapters=[out / "adapter"]).encode(texts, show_progress=False)
     assert torch.allclose(merged, stacked, atol=1e-5)
+
+
+@pytest.mark.parametrize("stage", ["mntp", "contrastive"])
+def test_the_same_seed_gives_the_same_weights(tmp_path, causal_lm_dir, encoder_dir, small_world, stage):
+    def run(out: Path, global_seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(global_seed)  # where a fresh process's global RNG starts is anyone's guess
+        if stage == "mntp":
+            train_mntp(MNTPConfig(model=causal_lm_dir, corpus=small_world / "corpus.txt", out_dir=out,
+                                  max_seq_length=32, train=tiny_train()))
+        else:
+            train_contrastive(ContrastiveConfig(model=encoder_dir, data=small_world, corpus=small_world / "corpus.txt",
+                                                out_dir=out, max_length=48, train=tiny_train()))
+        return load_file(out / "merged" / "model.safetensors")
+
+    first, second = run(tmp_path / "first", 1), run(tmp_path / "second", 2)
+    assert first.keys() == second.keys()
+    assert [name for name in first if not torch.equal(first[name], second[name])] == []
 
 
 def test_train_contrastive_refuses_data_without_pairs(tmp_path, encoder_dir):

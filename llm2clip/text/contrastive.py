@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from peft import get_peft_model
 from torch.utils.data import DataLoader, Dataset, Sampler
-from transformers import Trainer
+from transformers import Trainer, set_seed
 
 from llm2clip.config import config_to_dict
 from llm2clip.data.records import load_image_texts, read_corpus
@@ -182,6 +182,7 @@ def training_pairs(config: ContrastiveConfig) -> CaptionPairs:
 def train_contrastive(config: ContrastiveConfig) -> None:
     pairs = training_pairs(config)
     encoder = LLMEncoder.from_pretrained(config.model, pooling_mode=config.pooling_mode)
+    set_seed(config.train.seed)  # the LoRA's random initialisation
     saved_max_length, encoder.max_length = encoder.max_length, config.max_length  # truncation while training only
     encoder.model = get_peft_model(encoder.model, lora_config(config.lora))
     encoder.model.peft_config["default"].base_model_name_or_path = str(config.model.resolve())

@@ -26,6 +26,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     Trainer,
     default_data_collator,
+    set_seed,
 )
 
 from llm2clip.config import config_to_dict
@@ -158,6 +159,7 @@ def train_mntp(config: MNTPConfig) -> None:
 
     lm = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32)
     lm.config.is_causal = False  # bidirectional attention through transformers' own masking
+    set_seed(config.train.seed)  # the LoRA's random initialisation
     model = get_peft_model(lm, lora_config(config.lora))
     if config.train.gradient_checkpointing:
         model.enable_input_require_grads()
