@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import TrainingArguments
-from transformers.trainer_utils import SchedulerType, get_last_checkpoint
+from transformers.trainer_utils import SchedulerType
 
 from llm2clip.errors import InputError
 
@@ -97,10 +99,26 @@ def training_arguments(train: TrainSettings, checkpoint_dir: Path, **overrides) 
 
 
 def resume_checkpoint(train: TrainSettings, checkpoint_dir: Path) -> str | None:
-    """The newest Trainer checkpoint to resume from, or None for a fresh start."""
+    """The newest complete Trainer checkpoint to resume from, or None for a fresh start.
+
+    The Trainer writes a checkpoint's trainer_state.json last, and not atomically: a run killed while
+    saving leaves a newest checkpoint without a readable one, which is passed over.
+    """
     if not train.resume or not checkpoint_dir.is_dir():
         return None
-    last = get_last_checkpoint(str(checkpoint_dir))
-    if last is not None:
-        logger.warning("resuming from %s", last)
-    return last
+    numbered = [(int(match[1]), path) for path in checkpoint_dir.iterdir()
+                if path.is_dir() and (match := re.fullmatch(r"checkpoint-(\d+)", path.name))]
+    for _, path in sorted(numbered, reverse=True):
+        if _readable_json(path / "trainer_state.json"):
+            logger.warning("resuming from %s", path)
+            return str(path)
+        logger.warning("passing over %s: the run stopped while saving it (no readable trainer_state.json)", path)
+    return None
+
+
+def _readable_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True

@@ -29,6 +29,7 @@ from llm2clip.config import config_to_dict
 from llm2clip.errors import InputError
 from llm2clip.fileio import atomic_write_json, replace_dir
 from llm2clip.rerun import finished_run, total_runtime
+from llm2clip.sampling import train_dataloader
 from llm2clip.training import LoraSettings, TrainSettings, resume_checkpoint, training_arguments
 from mllm.builder import BuildSettings, build_llava, load_llava
 from mllm.data import LlavaCollator, LlavaDataset, ModalityLengthGroupedSampler, read_llava_json
@@ -117,14 +118,14 @@ class LlavaTrainer(Trainer):
         self.group_by_modality_length = group_by_modality_length
         self.truncated = 0  # samples cut at model_max_length, on this rank
 
-    def _get_train_sampler(self, train_dataset=None):
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
+    def get_train_dataloader(self):
         if not self.group_by_modality_length:
-            return super()._get_train_sampler(dataset)
-        return ModalityLengthGroupedSampler(
+            return super().get_train_dataloader()
+        dataset = self.train_dataset
+        return train_dataloader(self, ModalityLengthGroupedSampler(
             dataset.lengths, dataset.has_image, self.args.per_device_train_batch_size,
             batches_per_group=self.args.world_size * self.args.gradient_accumulation_steps, seed=self.args.seed,
-        )
+        ))
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -146,6 +147,9 @@ class LlavaTrainer(Trainer):
 
         `save_pretrained` writes LLaVA's original key names (`language_model.model.*`), which the Trainer's
         plain `load_state_dict(strict=False)` would silently skip; `from_pretrained` maps them back.
+        A private override: the Trainer has no public hook for loading a checkpoint's weights. Loading them
+        in a callback or before `train()` would still leave the Trainer's own load to run (and warn of every
+        key as missing), and the saved names are `save_pretrained`'s, not ours to change.
         """
         model = self.model if model is None else model
         folder = Path(resume_from_checkpoint)

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaModel
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaModel
 
 from llm2clip.data.records import read_corpus
 from llm2clip.data.synth import SynthConfig, generate_world
+from llm2clip.embed.build import EmbedConfig, build_cache
 from llm2clip.text.tokenizer_training import save_tokenizer, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,3 +66,27 @@ def parity_python() -> str:
     if setup.returncode != 0:
         pytest.fail(f"scripts/setup_parity_venv.sh failed:\n{setup.stderr[-3000:]}")
     return setup.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def causal_lm_dir(tmp_path_factory, encoder_dir) -> Path:
+    """A tiny random Llama with an LM head, sharing the session encoder's tokenizer."""
+    out = tmp_path_factory.mktemp("causal-lm")
+    tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
+    tokenizer.save_pretrained(out)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory, small_world, encoder_dir) -> Path:
+    """The session encoder's caption-embedding cache of the small world's train split."""
+    out = tmp_path_factory.mktemp("cache") / "train"
+    build_cache(EmbedConfig(model=encoder_dir, data=small_world, out_dir=out, max_length=64, dtype="float32"))
+    return out

@@ -6,10 +6,12 @@ import json
 import shutil
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_fileio import file_states
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from llm2clip.data.records import load_image_texts
 from llm2clip.errors import InputError
@@ -24,24 +26,8 @@ from llm2clip.text.contrastive import (
 )
 from llm2clip.text.cra import CRAConfig, bag_of_words_cra, caption_pairs, caption_retrieval_accuracy, report_cra
 from llm2clip.text.encoder import LLMEncoder
-from llm2clip.text.mntp import MaskedNextTokenCollator, MNTPConfig, corpus_blocks, mask_token_id, train_mntp
+from llm2clip.text.mntp import MaskedBlocks, MNTPConfig, corpus_blocks, mask_token_id, train_mntp
 from llm2clip.training import TrainSettings
-
-
-@pytest.fixture(scope="module")
-def causal_lm_dir(tmp_path_factory, encoder_dir) -> Path:
-    """A tiny random Llama with an LM head, sharing the session encoder's tokenizer."""
-    out = tmp_path_factory.mktemp("causal-lm")
-    tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
-    tokenizer.save_pretrained(out)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    return out
 
 
 def tiny_train(**overrides) -> TrainSettings:
@@ -53,13 +39,13 @@ def tiny_train(**overrides) -> TrainSettings:
 # --- MNTP ---------------------------------------------------------------------------------------
 
 
-def test_collator_masks_only_ordinary_tokens_and_keeps_labels_there():
-    torch.manual_seed(0)
+def test_masked_blocks_mask_only_ordinary_tokens_and_keep_labels_there():
     bos, mask = 1, 7
     ids = [[bos] + list(range(10, 60)) for _ in range(8)]
-    batch = MaskedNextTokenCollator(mask_token_id=mask, mask_ratio=0.3, special_token_ids=[0, bos, 2])(
-        [{"input_ids": row} for row in ids]
-    )
+    blocks = MaskedBlocks(datasets.Dataset.from_dict({"input_ids": ids}), mask_token_id=mask, mask_ratio=0.3,
+                          special_token_ids=[0, bos, 2], seed=0)
+    items = [blocks[0, i] for i in range(len(ids))]
+    batch = {key: torch.stack([item[key] for item in items]) for key in items[0]}
     original = torch.tensor(ids)
     masked = batch["labels"] != -100
     assert not masked[:, 0].any(), "BOS must never be masked"
@@ -67,6 +53,19 @@ def test_collator_masks_only_ordinary_tokens_and_keeps_labels_there():
     assert (batch["input_ids"][masked] == mask).all()
     assert torch.equal(batch["input_ids"][~masked], original[~masked])
     assert 0.2 < masked[:, 1:].float().mean() < 0.4
+    assert (batch["attention_mask"] == 1).all()
+
+
+def test_masks_derive_from_seed_epoch_and_index():
+    ids = datasets.Dataset.from_dict({"input_ids": [list(range(10, 60))] * 2})
+    blocks = MaskedBlocks(ids, mask_token_id=7, mask_ratio=0.3, special_token_ids=[1], seed=0)
+    again = MaskedBlocks(ids, mask_token_id=7, mask_ratio=0.3, special_token_ids=[1], seed=0)
+    torch.manual_seed(0)  # the global RNG plays no part
+    first = blocks[1, 0]["labels"]
+    torch.manual_seed(1)
+    assert torch.equal(again[1, 0]["labels"], first)
+    assert not torch.equal(blocks[1, 1]["labels"], first)  # another block, the same tokens
+    assert not torch.equal(blocks[2, 0]["labels"], first)  # another epoch
 
 
 def test_mntp_loss_predicts_each_masked_token_from_the_position_before(causal_lm_dir):
@@ -161,9 +160,13 @@ def test_caption_pairs_draw_two_different_captions_then_plain_sentences():
     pairs = CaptionPairs([["a", "b", "c"], ["only one"], ["d", "e"]], ["plain text"], seed=0)
     assert len(pairs) == 3  # the one-caption image cannot form a pair
     for index in range(2):
-        first, second = pairs[index]
+        first, second = pairs[0, index]
         assert first != second
-    assert pairs[2] == ("plain text", "plain text")
+    assert pairs[0, 2] == ("plain text", "plain text")
+    draws = [pairs[epoch, 0] for epoch in range(20)]
+    assert len(set(draws)) > 1  # a fresh draw each epoch ...
+    again = CaptionPairs([["a", "b", "c"], ["only one"], ["d", "e"]], ["plain text"], seed=0)
+    assert [again[epoch, 0] for epoch in reversed(range(20))] == draws[::-1]  # ... from (seed, epoch, index) alone
     with pytest.raises(InputError, match="two captions"):
         CaptionPairs([["lonely"]], [], seed=0)
 
@@ -176,7 +179,7 @@ def test_long_captions_pair_with_long_captions_only(small_world):
     longs = {c for r in records for c in r.long_captions}
     assert pairs.kinds.count(LONG) == len(records) and pairs.kinds.count(SHORT) == len(pairs) - len(records)
     for index, kind in enumerate(pairs.kinds[: len(pairs.groups)]):
-        first, second = pairs[index]
+        first, second = pairs[0, index]
         assert first != second and {first, second} <= (longs if kind == LONG else shorts)
     without = training_pairs(ContrastiveConfig(data=small_world, corpus=None))
     assert set(without.kinds) == {SHORT} and len(without) == len(records)
@@ -185,15 +188,17 @@ def test_long_captions_pair_with_long_captions_only(small_world):
 def test_same_kind_batches_keep_each_block_to_one_kind():
     kinds = [SHORT] * 10 + [LONG] * 7 + [SHORT] * 3
     sampler = SameKindBatches(kinds, block=4, seed=0)
-    order = list(sampler)
+    keys = list(sampler)
+    assert {epoch for epoch, _ in keys} == {0}
+    order = [index for _, index in keys]
     assert len(order) == len(sampler) == 16  # 13 short -> 3 blocks, 7 long -> 1 block
     assert len(set(order)) == 16
     blocks = [order[i : i + 4] for i in range(0, 16, 4)]
     assert all(len({kinds[i] for i in block}) == 1 for block in blocks)
     assert sorted(kinds[block[0]] for block in blocks) == [SHORT, SHORT, SHORT, LONG]
-    assert list(SameKindBatches(kinds, block=4, seed=0)) == order  # the same epoch, the same order
+    assert list(SameKindBatches(kinds, block=4, seed=0)) == keys  # the same epoch, the same order
     sampler.set_epoch(1)
-    assert list(sampler) != order
+    assert {epoch for epoch, _ in sampler} == {1} and [index for _, index in sampler] != order
     with pytest.warns(UserWarning, match="long-caption pairs"):
         assert len(SameKindBatches(kinds, block=8, seed=0)) == 8  # 13 short -> 1 block; 7 long fill none
     with pytest.raises(InputError, match="every kind of pair has fewer pairs than one global batch of 16"):
@@ -216,6 +221,23 @@ def test_train_contrastive_outputs_load_and_agree(tmp_path, encoder_dir, small_w
     merged = LLMEncoder.from_pretrained(out / "merged").encode(texts, show_progress=False)
     stacked = LLMEncoder.from_pretrained(encoder_dir, adapters=[out / "adapter"]).encode(texts, show_progress=False)
     assert torch.allclose(merged, stacked, atol=1e-5)
+
+
+@pytest.mark.parametrize("stage", ["mntp", "contrastive"])
+def test_the_same_seed_gives_the_same_weights(tmp_path, causal_lm_dir, encoder_dir, small_world, stage):
+    def run(out: Path, global_seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(global_seed)  # where a fresh process's global RNG starts is anyone's guess
+        if stage == "mntp":
+            train_mntp(MNTPConfig(model=causal_lm_dir, corpus=small_world / "corpus.txt", out_dir=out,
+                                  max_seq_length=32, train=tiny_train()))
+        else:
+            train_contrastive(ContrastiveConfig(model=encoder_dir, data=small_world, corpus=small_world / "corpus.txt",
+                                                out_dir=out, max_length=48, train=tiny_train()))
+        return load_file(out / "merged" / "model.safetensors")
+
+    first, second = run(tmp_path / "first", 1), run(tmp_path / "second", 2)
+    assert first.keys() == second.keys()
+    assert [name for name in first if not torch.equal(first[name], second[name])] == []
 
 
 def test_train_contrastive_refuses_data_without_pairs(tmp_path, encoder_dir):

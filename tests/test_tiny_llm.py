@@ -126,6 +126,13 @@ def test_loss_decreases_on_a_repeated_corpus(tmp_path):
     assert report["eval_loss"] < report["eval_loss_init"]
 
 
+def test_the_same_seed_gives_the_same_tokenizer_and_weights(corpus, built, tmp_path):
+    torch.manual_seed(123)  # where a fresh process's global RNG starts is anyone's guess
+    again = build_tiny_llm(tiny_config(corpus, tmp_path / "llm"))
+    for name in ("tokenizer.json", "model.safetensors"):
+        assert (again / name).read_bytes() == (built / name).read_bytes(), name
+
+
 def test_zero_steps_saves_the_initial_model(corpus, tmp_path):
     out = build_tiny_llm(tiny_config(corpus, tmp_path / "llm", pretrain_steps=0))
     report = json.loads((out / REPORT).read_text())

@@ -3,8 +3,8 @@
 A sample is one image and one caption drawn through the caption mix: first a kind (short, long or
 translated) by its weight among the kinds the image has, then one caption of that kind. The caption
 is a text (for the plain CLIP baseline, which tokenises it) or a row of the embedding cache (for
-LLM2CLIP, whose text side reads frozen LLM embeddings). Random draws use torch's global RNG, which
-the DataLoader seeds differently in each worker and the Trainer restores on resume.
+LLM2CLIP, whose text side reads frozen LLM embeddings). The draw for item i in epoch e derives from
+(seed, e, i) alone (`llm2clip.sampling`), so workers and resumed runs draw the same captions.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from transformers import (
 from llm2clip.data.records import ImageText, check_image
 from llm2clip.embed.cache import KINDS, EmbeddingCache
 from llm2clip.errors import InputError
+from llm2clip.sampling import ItemKey, item_generator
 
 Captions = dict[str, Sequence]  # kind -> caption texts or cache rows
 START, END = "<|startoftext|>", "<|endoftext|>"
@@ -100,23 +101,28 @@ def load_rgb(path: Path) -> Image.Image:
 
 
 class ImageCaptionDataset(Dataset):
-    """Item i: the image at `paths[i]` with one caption of dataset image `indices[i]` drawn through the mix."""
+    """Item (epoch, i): the image at `paths[i]` with one caption of dataset image `indices[i]`, drawn through
+    the mix from (seed, epoch, i)."""
 
-    def __init__(self, paths: list[Path], indices: list[int], captions: Callable[[int], Captions], mix: CaptionMix):
+    def __init__(self, paths: list[Path], indices: list[int], captions: Callable[[int], Captions], mix: CaptionMix,
+                 seed: int = 0):
         self.paths = paths
         self.indices = indices
         self.captions = captions  # image index -> Captions
         self.mix = mix
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"image": load_rgb(self.paths[i]), "caption": self.mix.draw(self.captions(self.indices[i]))}
+    def __getitem__(self, key: ItemKey) -> dict[str, Any]:
+        epoch, i = key
+        caption = self.mix.draw(self.captions(self.indices[i]), item_generator(self.seed, epoch, i))
+        return {"image": load_rgb(self.paths[i]), "caption": caption}
 
 
 def image_caption_dataset(
-    records: Sequence[ImageText], captions: Callable[[int], Captions], mix: CaptionMix
+    records: Sequence[ImageText], captions: Callable[[int], Captions], mix: CaptionMix, seed: int = 0
 ) -> tuple[ImageCaptionDataset, Counter[str], dict[str, str]]:
     """The usable records as a dataset, the skip counts by reason and one example message per reason.
 
@@ -149,7 +155,7 @@ def image_caption_dataset(
             skip("missing image" if problem.startswith("missing") else "corrupt image", problem)
     if not kept:
         raise InputError(f"no usable image-caption pairs: {dict(skips)}; e.g. {next(iter(examples.values()))}")
-    return ImageCaptionDataset(kept_paths, kept, captions, mix), skips, examples
+    return ImageCaptionDataset(kept_paths, kept, captions, mix, seed), skips, examples
 
 
 @dataclass

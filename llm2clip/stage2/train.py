@@ -53,6 +53,7 @@ from llm2clip.errors import InputError
 from llm2clip.fileio import atomic_dir, atomic_write_json, replace_dir
 from llm2clip.losses import Stage2Loss, stage2_loss
 from llm2clip.rerun import finished_run, total_runtime
+from llm2clip.sampling import SeededShuffle, train_dataloader
 from llm2clip.stage2.data import (
     CacheRows,
     CaptionMix,
@@ -173,7 +174,8 @@ class Stage2Trainer(Trainer):
 
     def get_train_dataloader(self):
         if not isinstance(self.train_dataset, ShardDataset):
-            return super().get_train_dataloader()
+            # (epoch, index) keys: each image's caption draw derives from them.
+            return train_dataloader(self, SeededShuffle(len(self.train_dataset), self.args.seed))
         # Each rank already reads its own shards: accelerate must neither dispatch nor re-shard the batches.
         return ShardLoader(self.train_dataset, batch_size=self._train_batch_size, collate_fn=self.data_collator,
                            num_workers=self.args.dataloader_num_workers,
@@ -220,7 +222,7 @@ def train_stage2(config: Stage2Config) -> dict:
         say(f"stage2: {len(shards)} tar shard(s); bad samples are skipped and counted as they are read")
     else:
         captions = CacheRows(cache) if cache is not None else RecordTexts(records)
-        dataset, dataset_skips, examples = image_caption_dataset(records, captions, mix)
+        dataset, dataset_skips, examples = image_caption_dataset(records, captions, mix, seed=config.train.seed)
         skips.update(dataset_skips)
         say(f"stage2: {len(dataset)} of {len(records)} images usable; skipped {_counts(skips)}")
         for reason, example in examples.items():

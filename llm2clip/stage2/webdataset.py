@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from llm2clip.data.records import ImageText
 from llm2clip.embed.cache import EmbeddingCache
 from llm2clip.errors import InputError
+from llm2clip.sampling import item_generator
 from llm2clip.stage2.data import CacheRows, CaptionMix, Captions
 
 logger = logging.getLogger(__name__)
@@ -209,7 +210,8 @@ class ShardDataset(IterableDataset):
                     if options is None:
                         self._skip(skipped, "not in the cache's dataset", where)
                         continue
-                    caption = self.mix.draw(options)
+                    # Drawn from the sample's key, not a worker's RNG, so that a resumed run draws the same.
+                    caption = self.mix.draw(options, item_generator(self.seed, self.epoch, f"{shard.name}/{key}"))
                     if caption is None:
                         self._skip(skipped, "no caption of the caption_mix kinds", where)
                         continue

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 from peft import get_peft_model
-from torch.utils.data import Dataset, Sampler
-from transformers import Trainer
+from torch.utils.data import DataLoader, Dataset, Sampler
+from transformers import Trainer, set_seed
 
 from llm2clip.config import config_to_dict
 from llm2clip.data.records import load_image_texts, read_corpus
@@ -36,6 +36,7 @@ from llm2clip.errors import InputError
 from llm2clip.fileio import atomic_write_json
 from llm2clip.losses import CaptionContrastiveLoss
 from llm2clip.rerun import finished_run, total_runtime
+from llm2clip.sampling import ItemKey, item_rng, train_dataloader
 from llm2clip.text.encoder import LLMEncoder
 from llm2clip.text.mntp import lora_config
 from llm2clip.training import LoraSettings, TrainSettings, resume_checkpoint, training_arguments
@@ -66,8 +67,9 @@ KIND_NAMES = {SHORT: "short (and plain-text) pairs", LONG: "long-caption pairs"}
 
 
 class CaptionPairs(Dataset):
-    """Item i is two different captions of one caption group (an image's short captions, or its long
-    ones), or, past the groups, one plain sentence twice. `kinds[i]` says which kind of pair it is."""
+    """Item (epoch, i) is two different captions of caption group i (an image's short captions, or its long
+    ones), drawn from (seed, epoch, i); past the groups, one plain sentence twice. `kinds[i]` says which
+    kind of pair item i is."""
 
     def __init__(self, caption_groups: list[list[str]], sentences: list[str], seed: int,
                  group_kinds: list[int] | None = None):
@@ -78,21 +80,22 @@ class CaptionPairs(Dataset):
         self.groups = [group for group, _ in kept]
         self.sentences = sentences
         self.kinds = [kind for _, kind in kept] + [SHORT] * len(sentences)
-        self.rng = random.Random(seed)
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.groups) + len(self.sentences)
 
-    def __getitem__(self, index: int) -> tuple[str, str]:
+    def __getitem__(self, key: ItemKey) -> tuple[str, str]:
+        epoch, index = key
         if index < len(self.groups):
-            first, second = self.rng.sample(self.groups[index], 2)
+            first, second = item_rng(self.seed, epoch, index).sample(self.groups[index], 2)
             return first, second
         sentence = self.sentences[index - len(self.groups)]
         return sentence, sentence
 
 
-class SameKindBatches(Sampler[int]):
-    """Item indices in blocks of `block` that share a kind; blocks in a fresh random order each epoch.
+class SameKindBatches(Sampler[ItemKey]):
+    """Item keys (epoch, index) in blocks of `block` that share a kind; blocks in a fresh random order each epoch.
 
     `block` is the global batch (per-device batch x ranks), so each rank's share of a step is one kind
     too. Items of a kind that do not fill a block are left out of that epoch (a different few each time);
@@ -122,9 +125,8 @@ class SameKindBatches(Sampler[int]):
         rng.shuffle(blocks)
         return blocks
 
-    def __iter__(self) -> Iterator[int]:
-        for block in self._blocks():
-            yield from block
+    def __iter__(self) -> Iterator[ItemKey]:
+        return iter([(self.epoch, index) for block in self._blocks() for index in block])
 
     def __len__(self) -> int:
         return sum(len(items) // self.block * self.block for items in self.by_kind.values())
@@ -149,10 +151,9 @@ class CaptionContrastiveTrainer(Trainer):
         self.encoder = encoder
         self.loss_fn = loss_fn
 
-    def _get_train_sampler(self, train_dataset: Dataset | None = None) -> Sampler:
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
+    def get_train_dataloader(self) -> DataLoader:
         block = self.args.per_device_train_batch_size * self.args.world_size
-        return SameKindBatches(dataset.kinds, block, seed=self.args.seed)
+        return train_dataloader(self, SameKindBatches(self.train_dataset.kinds, block, seed=self.args.seed))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         hidden = model(
@@ -193,6 +194,7 @@ def train_contrastive(config: ContrastiveConfig) -> dict:
     left_out = ", ".join(f"{n} {reason}" for reason, n in skipped.items()) or "none"
     print(f"caption contrastive: {len(pairs.groups)} caption groups; entries of {config.data} left out: {left_out}")
     encoder = LLMEncoder.from_pretrained(config.model, pooling_mode=config.pooling_mode)
+    set_seed(config.train.seed)  # the LoRA's random initialisation
     saved_max_length, encoder.max_length = encoder.max_length, config.max_length  # truncation while training only
     encoder.model = get_peft_model(encoder.model, lora_config(config.lora))
     encoder.model.peft_config["default"].base_model_name_or_path = str(config.model.resolve())

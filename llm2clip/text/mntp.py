@@ -16,16 +16,25 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 import torch
-from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, Trainer
+from torch.utils.data import DataLoader, Dataset
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    Trainer,
+    default_data_collator,
+    set_seed,
+)
 
 from llm2clip.config import config_to_dict
 from llm2clip.data.records import read_corpus
 from llm2clip.errors import InputError
 from llm2clip.fileio import atomic_write_json
 from llm2clip.rerun import finished_run, total_runtime
+from llm2clip.sampling import ItemKey, SeededShuffle, item_generator, train_dataloader
 from llm2clip.text.encoder import LLMEncoder, check_supported_model_dir
 from llm2clip.training import LoraSettings, TrainSettings, resume_checkpoint, training_arguments
 
@@ -64,27 +73,41 @@ def mask_token_id(tokenizer: PreTrainedTokenizerBase, choice: str) -> int:
     return ids[0]
 
 
-@dataclass
-class MaskedNextTokenCollator:
-    """Masks `mask_ratio` of the non-special tokens; labels stay only at masked positions."""
+class MaskedBlocks(Dataset):
+    """Item (epoch, i) is token block i with `mask_ratio` of its non-special tokens masked, the mask drawn
+    from (seed, epoch, i); labels stay only at masked positions."""
 
-    mask_token_id: int
-    mask_ratio: float
-    special_token_ids: list[int]
+    def __init__(self, blocks: datasets.Dataset, mask_token_id: int, mask_ratio: float,
+                 special_token_ids: list[int], seed: int):
+        self.blocks = blocks
+        self.mask_token_id = mask_token_id
+        self.mask_ratio = mask_ratio
+        self.special_token_ids = torch.tensor(special_token_ids)
+        self.seed = seed
 
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        input_ids = torch.tensor([example["input_ids"] for example in examples])
-        maskable = ~torch.isin(input_ids, torch.tensor(self.special_token_ids))
-        masked = torch.bernoulli(torch.full(input_ids.shape, self.mask_ratio)).bool() & maskable
-        labels = input_ids.masked_fill(~masked, -100)
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, key: ItemKey) -> dict[str, torch.Tensor]:
+        epoch, index = key
+        input_ids = torch.tensor(self.blocks[index]["input_ids"])
+        draws = torch.rand(input_ids.shape, generator=item_generator(self.seed, epoch, index))
+        masked = (draws < self.mask_ratio) & ~torch.isin(input_ids, self.special_token_ids)
         return {
             "input_ids": input_ids.masked_fill(masked, self.mask_token_id),
             "attention_mask": torch.ones_like(input_ids),
-            "labels": labels,
+            "labels": input_ids.masked_fill(~masked, -100),
         }
 
 
-def corpus_blocks(tokenizer: PreTrainedTokenizerBase, lines: list[str], block_size: int) -> Dataset:
+class MNTPTrainer(Trainer):
+    """The Trainer, with the blocks in a seeded order whose (epoch, index) keys also seed the masks."""
+
+    def get_train_dataloader(self) -> DataLoader:
+        return train_dataloader(self, SeededShuffle(len(self.train_dataset), self.args.seed))
+
+
+def corpus_blocks(tokenizer: PreTrainedTokenizerBase, lines: list[str], block_size: int) -> datasets.Dataset:
     """Tokenise the lines (each with BOS) and pack them into blocks of `block_size` tokens."""
 
     def pack(batch: dict) -> dict:
@@ -92,7 +115,7 @@ def corpus_blocks(tokenizer: PreTrainedTokenizerBase, lines: list[str], block_si
         usable = len(ids) // block_size * block_size
         return {"input_ids": [ids[i : i + block_size] for i in range(0, usable, block_size)]}
 
-    tokens = Dataset.from_dict({"text": lines}).map(
+    tokens = datasets.Dataset.from_dict({"text": lines}).map(
         lambda batch: tokenizer(batch["text"]), batched=True, remove_columns=["text"]
     )
     blocks = tokens.map(pack, batched=True, batch_size=2000, remove_columns=tokens.column_names)
@@ -137,13 +160,13 @@ def train_mntp(config: MNTPConfig) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    collator = MaskedNextTokenCollator(
-        mask_token_id(tokenizer, config.mask_token), config.mask_ratio, list(tokenizer.all_special_ids)
-    )
-    blocks = corpus_blocks(tokenizer, lines, config.max_seq_length)
+    blocks = MaskedBlocks(corpus_blocks(tokenizer, lines, config.max_seq_length),
+                          mask_token_id(tokenizer, config.mask_token), config.mask_ratio,
+                          list(tokenizer.all_special_ids), seed=config.train.seed)
 
     lm = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32)
     lm.config.is_causal = False  # bidirectional attention through transformers' own masking
+    set_seed(config.train.seed)  # the LoRA's random initialisation
     model = get_peft_model(lm, lora_config(config.lora))
     if config.train.gradient_checkpointing:
         model.enable_input_require_grads()
@@ -151,7 +174,7 @@ def train_mntp(config: MNTPConfig) -> dict:
 
     checkpoint_dir = config.out_dir / "checkpoints"
     args = training_arguments(config.train, checkpoint_dir)
-    trainer = Trainer(model=model, args=args, train_dataset=blocks, data_collator=collator)
+    trainer = MNTPTrainer(model=model, args=args, train_dataset=blocks, data_collator=default_data_collator)
     resume_from = resume_checkpoint(config.train, checkpoint_dir)
     result = trainer.train(resume_from_checkpoint=resume_from)
 

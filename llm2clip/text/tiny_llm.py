@@ -27,14 +27,13 @@ from transformers import (
     Trainer,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from llm2clip.config import config_to_dict
 from llm2clip.errors import InputError
 from llm2clip.fileio import atomic_dir, atomic_write_json, umask_modes
 from llm2clip.text.portability import make_config_portable
 from llm2clip.text.tokenizer_training import save_tokenizer, train_tokenizer
-from llm2clip.training import TrainSettings, training_arguments
+from llm2clip.training import TrainSettings, resume_checkpoint, training_arguments
 
 REPORT = "training_report.json"
 
@@ -102,7 +101,7 @@ def build_tiny_llm(config: TinyLLMConfig) -> Path:
         eval_dataset=eval_set,
     )
     init_eval_loss = trainer.evaluate()["eval_loss"]
-    resumed_from = get_last_checkpoint(str(checkpoints))
+    resumed_from = resume_checkpoint(settings, checkpoints)
     if config.pretrain_steps > 0:
         trainer.train(resume_from_checkpoint=resumed_from)
     eval_loss = trainer.evaluate()["eval_loss"] if config.pretrain_steps > 0 else init_eval_loss
