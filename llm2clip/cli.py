@@ -150,6 +150,37 @@ COMMANDS: tuple[Command, ...] = (
             Flag("--deepspeed", "train.deepspeed", "DeepSpeed JSON config"),
         ),
     ),
+    Command(
+        ("convert",),
+        "llm2clip.interop.convert:ConvertConfig",
+        "llm2clip.interop.convert:convert",
+        "Convert an official LLM2CLIP release into this package's layout, without remote code.",
+        flags=(
+            Flag("--source", "source",
+                 "hf_release: a microsoft/LLM2CLIP-Openai-L-14-336 or -B-16 directory (CLIPConfig; vision_model, "
+                 "visual_projection, text_adapter, logit_scale in model.safetensors) -> an LLM2CLIP checkpoint. "
+                 "eva_checkpoint: a .pt/.bin/.safetensors file of LLM2CLIP's GitHub training (visual.* OpenAI ViT, "
+                 "text.text_adaptor.{0..5}, logit_scale) -> an LLM2CLIP checkpoint; EVA02 towers are refused. "
+                 "llm2vec_encoder: a microsoft/LLM2CLIP-Llama-3-8B-Instruct-CC-Finetuned directory -> an encoder "
+                 "directory (mean pooling, max length 512, Llama-3-Instruct template)"),
+            Flag("--checkpoint", "checkpoint", "the release's directory (or file, for eva_checkpoint)"),
+            Flag("--encoder", "encoder", "caption encoder the adapter was trained on (its width is checked)"),
+            Flag("--out", "out_dir", "output directory"),
+        ),
+    ),
+    Command(
+        ("export",),
+        "llm2clip.interop.export:ExportConfig",
+        "llm2clip.interop.export:export",
+        "Export an LLM2CLIP checkpoint's image tower for transformers/LLaVA or open_clip.",
+        flags=(
+            Flag("--model", "model", "LLM2CLIP checkpoint directory (stage 2's final/ or a converted release)"),
+            Flag("--format", "format",
+                 "clip_vision: a plain CLIPVisionModel directory (LLaVA-1.5's mm_vision_tower, mllm). "
+                 "open_clip: open_clip_config.json + weights for open_clip's 'local-dir:' loader"),
+            Flag("--out", "out_dir", "output directory"),
+        ),
+    ),
 )
 
 
