@@ -120,7 +120,6 @@ STEP = ("train.max_steps=1", "train.batch_size=2", "train.precision=fp32", "trai
         "train.dataloader_workers=0", "train.save_steps=1", "train.logging_steps=1")
 
 
-@pytest.mark.slow  # six stages, each one optimizer step on CPU
 def test_cut_down_real_configs_take_one_real_step_each(cut_down, one_thread):
     root, world = cut_down["root"], cut_down["world"]
     load = lambda cls, yaml, *overrides: load_config(cls, CONFIGS / yaml, [*STEP, *overrides])  # noqa: E731
