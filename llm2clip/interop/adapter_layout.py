@@ -11,7 +11,7 @@ else, or shapes that disagree, is refused with the keys that did not match.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
@@ -29,9 +29,9 @@ class AdapterShape:
 @dataclass
 class _Module:
     name: str
-    weight: Tensor
-    bias: Tensor | None
-    keys: list[str]
+    weight: Tensor | None = None
+    bias: Tensor | None = None
+    keys: list[str] = field(default_factory=list)
 
     @property
     def is_norm(self) -> bool:
@@ -63,7 +63,7 @@ def match_paper_adapter(tensors: dict[str, Tensor], where: str) -> tuple[dict[st
         if kind not in ("weight", "bias"):
             unmatched.append(key)
             continue
-        module = modules.setdefault(name, _Module(name, None, None, []))
+        module = modules.setdefault(name, _Module(name))
         setattr(module, kind, tensor)
         module.keys.append(key)
     units: dict[str, list[_Module]] = {}
