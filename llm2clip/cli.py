@@ -35,6 +35,7 @@ class Command:
     flags: tuple[Flag, ...] = ()
     positional: Flag | None = None  # a positional argument that sets a key
     extra: dict[str, str] = field(default_factory=dict)
+    dry_run: str | None = None  # "module:function" taking the config and returning a `llm2clip.dryrun.Plan`
 
 
 COMMANDS: tuple[Command, ...] = (
@@ -83,6 +84,7 @@ COMMANDS: tuple[Command, ...] = (
             Flag("--out", "out_dir", "output directory"),
             Flag("--deepspeed", "train.deepspeed", "DeepSpeed JSON config"),
         ),
+        dry_run="llm2clip.dryrun_plans:plan_mntp",
     ),
     Command(
         ("stage1", "contrastive"),
@@ -95,6 +97,7 @@ COMMANDS: tuple[Command, ...] = (
             Flag("--out", "out_dir", "output directory"),
             Flag("--deepspeed", "train.deepspeed", "DeepSpeed JSON config"),
         ),
+        dry_run="llm2clip.dryrun_plans:plan_contrastive",
     ),
     Command(
         ("cra",),
@@ -134,6 +137,7 @@ COMMANDS: tuple[Command, ...] = (
             Flag("--out", "out_dir", "cache directory"),
             Flag("--split", "split", "split name when --data has splits"),
         ),
+        dry_run="llm2clip.dryrun_plans:plan_embed",
     ),
     Command(
         ("stage2",),
@@ -148,6 +152,38 @@ COMMANDS: tuple[Command, ...] = (
             Flag("--encoder", "encoder", "caption encoder the cache must come from"),
             Flag("--out", "out_dir", "output directory"),
             Flag("--deepspeed", "train.deepspeed", "DeepSpeed JSON config"),
+        ),
+        dry_run="llm2clip.dryrun_plans:plan_stage2",
+    ),
+    Command(
+        ("convert",),
+        "llm2clip.interop.convert:ConvertConfig",
+        "llm2clip.interop.convert:convert",
+        "Convert an official LLM2CLIP release into this package's layout, without remote code.",
+        flags=(
+            Flag("--source", "source",
+                 "hf_release: a microsoft/LLM2CLIP-Openai-L-14-336 or -B-16 directory (CLIPConfig; vision_model, "
+                 "visual_projection, text_adapter, logit_scale in model.safetensors) -> an LLM2CLIP checkpoint. "
+                 "eva_checkpoint: a .pt/.bin/.safetensors file of LLM2CLIP's GitHub training (visual.* OpenAI ViT, "
+                 "text.text_adaptor.{0..5}, logit_scale) -> an LLM2CLIP checkpoint; EVA02 towers are refused. "
+                 "llm2vec_encoder: a microsoft/LLM2CLIP-Llama-3-8B-Instruct-CC-Finetuned directory -> an encoder "
+                 "directory (mean pooling, max length 512, Llama-3-Instruct template)"),
+            Flag("--checkpoint", "checkpoint", "the release's directory (or file, for eva_checkpoint)"),
+            Flag("--encoder", "encoder", "caption encoder the adapter was trained on (its width is checked)"),
+            Flag("--out", "out_dir", "output directory"),
+        ),
+    ),
+    Command(
+        ("export",),
+        "llm2clip.interop.export:ExportConfig",
+        "llm2clip.interop.export:export",
+        "Export an LLM2CLIP checkpoint's image tower for transformers/LLaVA or open_clip.",
+        flags=(
+            Flag("--model", "model", "LLM2CLIP checkpoint directory (stage 2's final/ or a converted release)"),
+            Flag("--format", "format",
+                 "clip_vision: a plain CLIPVisionModel directory (LLaVA-1.5's mm_vision_tower, mllm). "
+                 "open_clip: open_clip_config.json + weights for open_clip's 'local-dir:' loader"),
+            Flag("--out", "out_dir", "output directory"),
         ),
     ),
 )
@@ -181,6 +217,10 @@ def _build_parser(commands: tuple[Command, ...], prog: str, description: str
         )
         p.add_argument("--config", help="YAML config file (defaults are the tiny embedded run)")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        if command.dry_run is not None:
+            p.add_argument("--dry-run", action="store_true", help="build the real-size model on the meta device from "
+                           "config.json files only; print parameters, shapes and memory per GPU under ZeRO-2/3; exit")
+            p.add_argument("--gpus", type=int, default=8, help="GPUs of one node for the dry run's memory (default 8)")
         for flag in command.flags:
             p.add_argument(flag.name, dest="flag:" + flag.key, metavar=flag.key.split(".")[-1].upper(), help=flag.help)
         p.add_argument("args", nargs="*", metavar="KEY=VALUE" if command.positional is None else f"{command.positional.name.upper()} | KEY=VALUE",
@@ -230,7 +270,12 @@ def main(argv: list[str] | None = None, commands: tuple[Command, ...] = COMMANDS
         print(dump_config(config), end="")
         return 0
     try:
-        _resolve(command.target)(config)
+        if getattr(args, "dry_run", False):
+            from llm2clip.dryrun import report
+
+            report(_resolve(command.dry_run)(config), gpus=args.gpus)
+        else:
+            _resolve(command.target)(config)
     except (ConfigError, InputError, FileNotFoundError) as err:
         print(f"{prog} {' '.join(command.words)}: error: {err}", file=sys.stderr)
         return 1

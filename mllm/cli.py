@@ -26,6 +26,7 @@ COMMANDS: tuple[Command, ...] = (
             Flag("--out", "out_dir", "output directory"),
             Flag("--deepspeed", "train.deepspeed", "DeepSpeed JSON config"),
         ),
+        dry_run="mllm.dryrun_plans:plan_pretrain",
     ),
     Command(
         ("finetune",),
@@ -41,6 +42,7 @@ COMMANDS: tuple[Command, ...] = (
             Flag("--out", "out_dir", "output directory"),
             Flag("--deepspeed", "train.deepspeed", "DeepSpeed JSON config"),
         ),
+        dry_run="mllm.dryrun_plans:plan_finetune",
     ),
     Command(
         ("export",),

@@ -19,11 +19,17 @@ class LLM2CLIPConfig(PreTrainedConfig):
         Inner width of each residual MLP block of the text adapter.
     adapter_depth (`int`, defaults to 4):
         Number of residual MLP blocks; 0 leaves a LayerNorm and the projection.
+    adapter_input_l2norm (`bool`, defaults to `False`):
+        L2-normalise the LLM embedding (after any whitening) before the residual blocks, as LLM2CLIP's
+        released adapter does.
     adapter_whitening (`bool`, defaults to `False`):
         Whiten the LLM embeddings before the adapter: x -> (x - mean) @ W, with the mean and matrix held as
         buffers in the checkpoint (stage 2 fits them on its cache, `llm2clip.embed.whitening`).
     projection_dim (`int`, defaults to 1280):
         Dimension of the shared image-text space.
+    text_projection_bias (`bool`, defaults to `False`):
+        Give the text projection a bias, as LLM2CLIP's released adapter does. With `adapter_input_l2norm`,
+        `adapter_hidden_dim` 8192 and `adapter_depth` 4 over 4096-dim embeddings this is the paper's adapter.
     loss (`"clip"` or `"siglip"`, defaults to `"clip"`):
         InfoNCE (softmax) or sigmoid loss; `"siglip"` adds a learnable logit bias.
     logit_scale_init_value (`float`, *optional*):
@@ -53,8 +59,10 @@ class LLM2CLIPConfig(PreTrainedConfig):
     text_embed_dim: int = 4096
     adapter_hidden_dim: int = 4096
     adapter_depth: int = 4
+    adapter_input_l2norm: bool = False
     adapter_whitening: bool = False
     projection_dim: int = 1280
+    text_projection_bias: bool = False
     loss: Literal["clip", "siglip"] = "clip"
     logit_scale_init_value: float | int | None = None
     logit_scale_max: float | int | None = None

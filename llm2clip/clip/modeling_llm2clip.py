@@ -57,11 +57,12 @@ class ResidualMLP(nn.Module):
 
 
 class LLM2CLIPTextAdapter(nn.Module):
-    """Optional whitening, `adapter_depth` residual MLP blocks over the LLM embedding, then a LayerNorm."""
+    """Optional whitening and L2 norm, `adapter_depth` residual MLP blocks over the LLM embedding, then a LayerNorm."""
 
     def __init__(self, config: LLM2CLIPConfig):
         super().__init__()
         self.whitening = config.adapter_whitening
+        self.input_l2norm = config.adapter_input_l2norm
         if self.whitening:  # identity until `set_whitening`; saved with the weights
             self.register_buffer("input_mean", torch.zeros(config.text_embed_dim))
             self.register_buffer("input_whitening", torch.eye(config.text_embed_dim))
@@ -73,6 +74,8 @@ class LLM2CLIPTextAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.whitening:
             x = (x - self.input_mean) @ self.input_whitening
+        if self.input_l2norm:
+            x = F.normalize(x, dim=-1)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
@@ -92,7 +95,7 @@ class LLM2CLIPModel(PreTrainedModel):
         self.vision_model = CLIPVisionModel._from_config(config.vision_config)
         self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
         self.text_adapter = LLM2CLIPTextAdapter(config)
-        self.text_projection = nn.Linear(config.text_embed_dim, config.projection_dim, bias=False)
+        self.text_projection = nn.Linear(config.text_embed_dim, config.projection_dim, bias=config.text_projection_bias)
         loss = stage2_loss(config.loss)
         self.loss_fn = loss.module()
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))

@@ -96,6 +96,9 @@ class AdapterSettings:  # llm2clip only
     # Added to each eigenvalue, as a fraction of the largest (long R@1, format 2: 1e-3 30.0, 1e-4 32.2;
     # format 3 at 1-6 objects: 1e-6 29.4 against 32.8).
     whiten_eps: float = 1e-4
+    # The paper's adapter (LLM2CLIP's release): L2-normalise the input, and a bias on the text projection.
+    input_l2norm: bool = False
+    projection_bias: bool = False
 
 
 @dataclass
@@ -376,6 +379,8 @@ def build_model(config: Stage2Config, text_dim: int | None,
     if config.model_type == "llm2clip":
         sizes = {"text_embed_dim": text_dim, "adapter_hidden_dim": config.adapter.hidden_dim,
                  "adapter_depth": config.adapter.depth, "adapter_whitening": config.adapter.whiten,
+                 "adapter_input_l2norm": config.adapter.input_l2norm,
+                 "text_projection_bias": config.adapter.projection_bias,
                  "projection_dim": config.projection_dim, "loss": config.loss}
         if vision.pretrained is not None:
             model = LLM2CLIPModel.from_vision_pretrained(vision.pretrained, **sizes)

@@ -1,0 +1,1 @@
+"""Checkpoints in and out: the official LLM2CLIP releases, open_clip and LLaVA layouts."""
