@@ -2,7 +2,7 @@
 
 - `llm2clip ...`, `mllm ...` and their `torchrun ... -m llm2clip.cli ...` launches are parsed for real with
   `--print-config` (real-scale models and data are absent here, and the flags, overrides and positionals
-  are what a reader copies).
+  are what a reader copies); a `--help` line must print its help.
 - `bash scripts/<run script>.sh` runs the script itself against a stub venv whose `llm2clip`, `python` and
   `torchrun` hand each step's command line to the real CLI with `--print-config`: every step the script
   would run must parse, in order, with the environment the README gives it.
@@ -115,6 +115,11 @@ def test_documented_command(where, command, tmp_path, capsys):
     if cli is not None:
         program, args = cli
         main = llm2clip_cli.main if program == "llm2clip" else mllm_cli.main
+        if "--help" in args or "-h" in args:
+            with pytest.raises(SystemExit) as done:
+                main(args)
+            assert done.value.code == 0 and capsys.readouterr().out.strip(), f"{where}: `{command}` gave no help"
+            return
         code = main([*args, "--print-config"])
         assert code == 0, f"{where}: `{command}` does not parse: {capsys.readouterr().err.strip()}"
         assert capsys.readouterr().out.strip(), f"{where}: `{command}` printed no config"
