@@ -1,17 +1,21 @@
-"""The synthetic world: determinism, layout and formats, hard negatives, long and French captions."""
+"""The synthetic world: determinism, layout and formats, salient content, short captions true of the
+image and entailed by the long ones, hard negatives, long and French captions."""
 
 import json
 import re
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from llm2clip.cli import main
-from llm2clip.data.synth import SynthConfig, generate_world
-from llm2clip.data.vocabulary import EN, POSITIONS
+from llm2clip.data.synth import FORMAT_VERSION, SynthConfig, generate_world
+from llm2clip.data.vocabulary import EN, POSITIONS, SHAPES
 from llm2clip.errors import InputError
+from llm2clip.eval.zeroshot import labelled_images
 
 TINY = {"n_train": 30, "n_val": 5, "n_test": 5, "twin_prob": 0.5}
 
@@ -22,6 +26,91 @@ def _rows(path: Path) -> list[dict]:
 
 def _bag(text: str) -> Counter:
     return Counter(re.findall(r"[\w-]+", text.lower()))
+
+
+def _words(table: dict[str, list[str]]) -> tuple[str, dict[str, str]]:
+    """A regex alternation of every word of a table (longest first) and each word's meaning."""
+    meaning = {word: key for key, words in table.items() for word in words}
+    return "|".join(sorted(map(re.escape, meaning), key=len, reverse=True)), meaning
+
+
+SIZE, SIZE_OF = _words(EN.sizes)
+COLOR, COLOR_OF = _words(EN.colors)
+SHAPE, SHAPE_OF = _words(EN.shapes)
+REL, REL_OF = _words(EN.relations)
+POS, POS_OF = _words(EN.positions)
+BG, BG_OF = _words(EN.backgrounds)
+NUMBER_OF = {word: i + 1 for i, word in enumerate(EN.numbers)} | {str(i): i for i in range(1, 10)}
+MENTION = re.compile(rf"\b(?:({SIZE}) )?({COLOR}) ({SHAPE})\b")
+INVERSE = {"left": "right", "right": "left", "above": "below", "below": "above"}
+
+
+@dataclass
+class Facts:
+    """What an English caption states, read from its words."""
+
+    objects: list[tuple[str | None, str, str]] = field(default_factory=list)  # (size or None, colour, shape)
+    relations: set[tuple[tuple[str, str], str, tuple[str, str]]] = field(default_factory=set)  # with inverses
+    positions: list[tuple[tuple[str, str], str]] = field(default_factory=list)
+    count: int | None = None
+    background: str | None = None
+    largest: tuple[str, str] | None = None
+
+
+def read_facts(text: str) -> Facts:
+    facts = Facts()
+    for sentence in re.split(r"(?<=\.) ", text.lower()):
+        mentions = list(MENTION.finditer(sentence))
+        kinds = [(COLOR_OF[m[2]], SHAPE_OF[m[3]]) for m in mentions]
+        facts.objects += [(SIZE_OF.get(m[1]), *kind) for m, kind in zip(mentions, kinds)]
+        for (m, x), (n, y) in zip(zip(mentions, kinds), zip(mentions[1:], kinds[1:])):
+            rel = re.search(rf"\b({REL})\b", sentence[m.end() : n.start()])
+            if rel:
+                facts.relations |= {(x, REL_OF[rel[1]], y), (y, INVERSE[REL_OF[rel[1]]], x)}
+        position = re.search(rf"\b({POS})\b", sentence)
+        if len(mentions) == 1 and position:
+            facts.positions.append((kinds[0], POS_OF[position[1]]))
+        if count := re.search(rf"\b({'|'.join(NUMBER_OF)}) shapes\b", sentence):
+            facts.count = NUMBER_OF[count[1]]
+        if background := re.search(rf"\b({BG}) (?:background|canvas)\b", sentence):
+            facts.background = BG_OF[background[1]]
+        if sentence.startswith("the largest shape is"):
+            facts.largest = kinds[0]
+    return facts
+
+
+def false_statements(facts: Facts, record: dict) -> list[str]:
+    """What the facts get wrong about the image, judged from the record's objects."""
+    objects = {(o["color"], o["shape"]): o for o in record["objects"]}
+    wrong = [f"no {c} {s}" for _, c, s in facts.objects if (c, s) not in objects]
+    wrong += [f"the {c} {s} is not {size}" for size, c, s in facts.objects
+              if (c, s) in objects and size not in (None, objects[(c, s)]["size"])]
+    for x, rel, y in facts.relations:
+        if x in objects and y in objects:
+            (xr, xc), (yr, yc) = objects[x]["cell"], objects[y]["cell"]
+            if not {"left": xc < yc, "right": xc > yc, "above": xr < yr, "below": xr > yr}[rel]:
+                wrong.append(f"{x} is not {rel} {y}")
+    wrong += [f"{kind} is not {pos}" for kind, pos in facts.positions if kind in objects and objects[kind]["position"] != pos]
+    if facts.count not in (None, len(objects)):
+        wrong.append(f"not {facts.count} shapes")
+    if facts.background not in (None, record["background"]):
+        wrong.append(f"the background is not {facts.background}")
+    main = record["objects"][0]
+    if facts.largest not in (None, (main["color"], main["shape"])):
+        wrong.append(f"the largest shape is not the {facts.largest}")
+    return wrong
+
+
+def unsaid(short: Facts, long: Facts) -> list[str]:
+    """What the short caption states that the long caption does not say."""
+    sizes = {(c, s): size for size, c, s in long.objects if size}
+    missing = [f"{c} {s}" for size, c, s in short.objects if (c, s) not in sizes or size not in (None, sizes[(c, s)])]
+    missing += [f"{x} {rel} {y}" for x, rel, y in short.relations - long.relations]
+    missing += [f"{name} {value}" for name, value in (("count", short.count), ("background", short.background))
+                if value not in (None, getattr(long, name))]
+    if short.largest and [kind for kind, size in sizes.items() if size == "large"] != [short.largest]:
+        missing.append(f"the {short.largest} is the largest")
+    return missing
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -80,6 +169,8 @@ def test_twins_share_words_and_differ_in_binding(world):
         assert a["twin_kind"] == b["twin_kind"] and b["twin"] == a["id"]
         for x, y in zip(a["captions"], b["captions"]):
             assert x != y and _bag(x) == _bag(y)  # a bag of words cannot tell them apart
+            if " and " not in x:  # each caption is false of the other twin: only the binding tells
+                assert false_statements(read_facts(x), b) and false_statements(read_facts(y), a)
         for x, y in zip(a["long_captions"], b["long_captions"], strict=True):
             assert x != y
         (a0, a1), (b0, b1) = a["objects"][:2], b["objects"][:2]
@@ -88,7 +179,61 @@ def test_twins_share_words_and_differ_in_binding(world):
             assert (b0["shape"], b0["cell"]) == (a0["shape"], a0["cell"])
         else:
             assert (b0["color"], b0["shape"], b0["cell"]) == (a1["color"], a1["shape"], a0["cell"])
+            assert (b1["color"], b1["shape"], b1["cell"]) == (a0["color"], a0["shape"], a1["cell"])
+        assert [o["size"] for o in b["objects"]] == [o["size"] for o in a["objects"]]
         assert a["objects"][2:] == b["objects"][2:]
+
+
+def _all_rows(world: Path) -> list[dict]:
+    return [r for split in ("train", "val", "test") for r in _rows(world / f"{split}.jsonl")]
+
+
+def test_short_captions_are_true_of_the_image_and_name_what_stands_out(world):
+    for r in _all_rows(world):
+        main = {(o["color"], o["shape"]) for o in r["objects"][:2]}
+        for caption in r["captions"]:
+            facts = read_facts(caption)
+            assert false_statements(facts, r) == [], caption
+            assert {tuple(kind) for _, *kind in facts.objects} == main, caption  # the two largest, nothing else
+            assert len(facts.relations) == 2 or " and " in caption, caption
+        for text in r["long_captions"]:
+            facts = read_facts(text)
+            assert false_statements(facts, r) == [], text
+            assert len(facts.positions) == len(r["objects"]) and facts.count == len(r["objects"])
+
+
+def test_each_long_caption_entails_every_short_caption(world):
+    said = Counter()
+    for r in _all_rows(world):
+        for text in r["long_captions"]:
+            for caption in r["captions"]:
+                short = read_facts(caption)
+                assert unsaid(short, read_facts(text)) == [], (caption, text)
+                said.update(name for name in ("count", "background", "largest") if getattr(short, name))
+                said.update(["size"] if any(size for size, *_ in short.objects) else [])
+    assert set(said) == {"count", "background", "largest", "size"}  # the optional content does occur
+
+
+def test_main_objects_are_the_largest_in_the_image(world):
+    for r in _all_rows(world):
+        assert [o["size"] for o in r["objects"]] == ["large", "medium"] + ["small"] * (len(r["objects"]) - 2)
+        areas = [(x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in (o["bbox"] for o in r["objects"])]
+        assert areas[0] > areas[1] > max(areas[2:])
+        with Image.open(world / r["image"]) as image:
+            bright = np.asarray(image).max(axis=2) > 110  # the shapes, not the dark background
+        covered = [int(bright[y0:y1, x0:x1].sum()) for x0, y0, x1, y1 in (o["bbox"] for o in r["objects"])]
+        assert covered[0] > max(covered[1:]), (r["id"], covered)  # whatever the shapes
+
+
+def test_zeroshot_label_is_the_shape_of_the_main_object(world):
+    rows = _rows(world / "test.jsonl")
+    pairs = labelled_images(world, "test", list(SHAPES))
+    assert [(image.name, SHAPES[label]) for image, label in pairs] == [
+        (Path(r["image"]).name, r["objects"][0]["shape"]) for r in rows]
+    for r in rows:  # the shape that the short captions name first or as the largest
+        assert any(read_facts(c).largest == (r["objects"][0]["color"], r["objects"][0]["shape"])
+                   or read_facts(c).objects[0][1:] == (r["objects"][0]["color"], r["objects"][0]["shape"])
+                   for c in r["captions"])
 
 
 def test_relation_matches_the_grid(world):
@@ -109,7 +254,6 @@ def _clip_token_floor(text: str) -> int:
 
 def test_long_captions_describe_every_object_past_77_tokens(tmp_path):
     generate_world(SynthConfig(out_dir=tmp_path, n_train=6, n_val=1, n_test=1, min_objects=6, max_objects=6))
-    size_words = {w for words in EN.sizes.values() for w in words}
     for r in _rows(tmp_path / "train.jsonl"):
         assert len(r["long_captions"]) == 2 and r["long_captions"][0] != r["long_captions"][1]
         for text in r["long_captions"]:
@@ -122,8 +266,9 @@ def test_long_captions_describe_every_object_past_77_tokens(tmp_path):
             for o in r["objects"]:
                 assert any(w in text for w in EN.colors[o["color"]]) and any(w in text for w in EN.shapes[o["shape"]])
                 assert any(w in text for w in EN.sizes[o["size"]])
-        for caption in r["captions"]:  # sizes and absolute positions only in the long caption
-            assert not set(re.findall(r"[\w-]+", caption.lower())) & size_words
+            main = {(o["color"], o["shape"]) for o in r["objects"][:2]}  # described first, then their relation
+            assert {tuple(kind) for _, *kind in read_facts(" ".join(sentences[1:4])).objects} == main
+        for caption in r["captions"]:  # absolute positions only in the long caption
             assert "corner" not in caption
 
 
@@ -205,6 +350,17 @@ def test_rerun_is_idempotent_and_refuses_other_configs(world, capsys):
     assert before == {p: p.stat().st_mtime_ns for p in world.rglob("*") if p.is_file()}
     with pytest.raises(InputError, match="another config"):
         generate_world(SynthConfig(out_dir=world, **{**TINY, "seed": 3}))
+
+
+def test_worlds_of_an_older_format_are_refused(tmp_path):
+    config = SynthConfig(out_dir=tmp_path, n_train=3, n_val=1, n_test=1)
+    summary = generate_world(config)
+    assert summary["format_version"] == FORMAT_VERSION == 4
+    (tmp_path / "world.json").write_text(json.dumps({**summary, "format_version": 3}))
+    with pytest.raises(InputError, match=r"format 3, now 4"):
+        generate_world(config)
+    generate_world(SynthConfig(out_dir=tmp_path, n_train=3, n_val=1, n_test=1, overwrite=True))
+    assert json.loads((tmp_path / "world.json").read_text())["format_version"] == 4
 
 
 def test_overwrite_and_incomplete_worlds(tmp_path):

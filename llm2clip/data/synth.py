@@ -2,9 +2,12 @@
 
 Per image: PNG, paraphrased short captions, long captions describing every object (written
 independently, as by different captioners), French renderings of the short captions and of the
-first long one, and questions. A share of scenes is followed by a twin with the colours or
-the positions of its two main objects swapped, so their captions share every word and differ
-only in binding. Outputs under `out_dir`: images/<split>/<id>.png, <split>.jsonl, karpathy.json,
+first long one, and questions. Each scene has salient content, as a photo does: its main object is
+drawn large, the second medium and the others small, and the short captions name what stands out
+(the two main objects and their relation, sometimes the count or the background), all of which
+each long caption says too. A share of scenes is followed by a twin with the colours or the
+positions of its two main objects swapped, so their captions share every word and differ only in
+binding. Outputs under `out_dir`: images/<split>/<id>.png, <split>.jsonl, karpathy.json,
 llava/{pretrain,finetune}.json, llava/qa_{val,test}.jsonl, corpus.txt and world.json (last).
 """
 
@@ -24,10 +27,10 @@ from tqdm import tqdm
 
 from llm2clip.config import config_to_dict
 from llm2clip.data.vocabulary import (
+    BACKGROUNDS,
     COLORS,
     EN,
     SHAPES,
-    SIZES,
     Obj,
     Scene,
     generic_sentences,
@@ -39,7 +42,9 @@ from llm2clip.data.vocabulary import (
 from llm2clip.errors import InputError
 from llm2clip.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-FORMAT_VERSION = 3  # 2: `long_captions` (a list) replaces `long_caption`; 3: relations follow each object
+# 2: `long_captions` (a list) replaces `long_caption`; 3: relations follow each object;
+# 4: salient main objects (sizes by rank), short captions about them, backgrounds
+FORMAT_VERSION = 4
 SPLITS = ("train", "val", "test")
 RGB = {
     "red": (220, 40, 40),
@@ -51,7 +56,11 @@ RGB = {
     "pink": (250, 120, 190),
     "white": (240, 240, 240),
 }
-SIZE_FRACTION = {"small": 0.42, "medium": 0.66, "large": 0.92}  # diameter / cell width
+BACKGROUND_RGB = {"gray": (35, 35, 35), "blue": (20, 28, 72), "green": (22, 56, 30), "brown": (62, 40, 22)}
+# Diameter / cell width. Each step is about 1.7x, so that the larger object also covers more pixels
+# whatever the two shapes (a triangle fills 41% of its circumscribed disc, a circle all of it).
+SIZE_FRACTION = {"small": 0.33, "medium": 0.56, "large": 0.94}
+RANK_SIZES = ("large", "medium")  # sizes of objects[0] and objects[1]; the others are small
 BRIEF_PROMPTS = [
     "Describe the image briefly.",
     "Give a short caption for this image.",
@@ -120,23 +129,25 @@ def _sample(rng: random.Random, config: SynthConfig, text_seed: str) -> Picture:
     n = rng.randint(config.min_objects, config.max_objects)
     cells = rng.sample(range(9), n)
     kinds = rng.sample([(c, s) for c in COLORS for s in SHAPES], n)  # distinct (colour, shape) pairs
-    objects = tuple(Obj(shape, color, rng.choice(SIZES), cell) for (color, shape), cell in zip(kinds, cells))
+    sizes = [*RANK_SIZES, *["small"] * n][:n]
+    objects = tuple(Obj(shape, color, size, cell) for (color, shape), cell, size in zip(kinds, cells, sizes))
     rel = relation(objects[0], objects[1], vertical=rng.random() < 0.5) if n > 1 else None
     looks = tuple(
         Look(rng.uniform(-1, 1), rng.uniform(-1, 1), rng.uniform(-15, 15), tuple(rng.randint(-20, 20) for _ in range(3)))
         for _ in objects
     )
-    gray = rng.randint(15, 55)
-    background = tuple(gray + rng.randint(-8, 8) for _ in range(3))
-    return Picture(Scene(objects, rel), looks, background, text_seed)
+    background = rng.choice(BACKGROUNDS)
+    shade = rng.randint(-12, 12)
+    rgb = tuple(max(0, c + shade + rng.randint(-6, 6)) for c in BACKGROUND_RGB[background])
+    return Picture(Scene(objects, rel, background), looks, rgb, text_seed)
 
 
 def _twin_objects(scene: Scene, kind: str) -> tuple[Obj, ...]:
     a, b, *rest = scene.objects
     if kind == "color":
         return (replace(a, color=b.color), replace(b, color=a.color), *rest)
-    # Swap the places and the order: "A left of B" becomes "B left of A", with the same words.
-    return (replace(b, cell=a.cell), replace(a, cell=b.cell), *rest)
+    # Swap the places, the sizes and the order: "A left of B" becomes "B left of A", with the same words.
+    return (replace(b, cell=a.cell, size=a.size), replace(a, cell=b.cell, size=b.size), *rest)
 
 
 def _twin_kinds(scene: Scene) -> list[str]:
@@ -225,6 +236,7 @@ def _record(picture: Picture, split: str, index: int, config: SynthConfig, boxes
             for o, box in zip(scene.objects, boxes)
         ],
         "relation": scene.relation,
+        "background": scene.background,
         "twin": None if picture.twin is None else _id(split, picture.twin),
         "twin_kind": scene.twin_kind,
         "qa": questions(scene.objects, rng),

@@ -19,7 +19,8 @@ T = TypeVar("T")
 
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross")
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "white")
-SIZES = ("small", "medium", "large")
+SIZES = ("small", "medium", "large")  # by salience: the main object is large, the second medium, the rest small
+BACKGROUNDS = ("gray", "blue", "green", "brown")  # dark tones
 # Cells of the 3x3 grid, row-major.
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 INVERSE = {"left": "right", "right": "left", "above": "below", "below": "above"}
@@ -47,8 +48,9 @@ class Obj:
 
 @dataclass(frozen=True)
 class Scene:
-    objects: tuple[Obj, ...]  # the main objects come first
+    objects: tuple[Obj, ...]  # the main (largest) object first, then the second largest, then the rest
     relation: str | None  # where objects[0] lies relative to objects[1]
+    background: str  # one of BACKGROUNDS
     twin_kind: str | None = None  # "color" or "position" when the scene has a swapped twin
 
 
@@ -125,6 +127,12 @@ class English:
         "below": ["below", "beneath", "under", "lower than"],
     }
     numbers: ClassVar[list[str]] = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    backgrounds: ClassVar[dict[str, list[str]]] = {
+        "gray": ["dark gray", "charcoal", "dark grey"],
+        "blue": ["dark blue", "navy", "midnight blue"],
+        "green": ["dark green", "forest green", "deep green"],
+        "brown": ["dark brown", "chocolate", "deep brown"],
+    }
 
     def _noun(self, obj: Obj, p: Picker, sized: bool) -> str:
         words = [p.pick(f"color/{obj.color}", self.colors[obj.color]), p.pick(f"shape/{obj.shape}", self.shapes[obj.shape])]
@@ -153,6 +161,9 @@ class English:
 
     def count(self, n: int, p: Picker) -> str:
         return p.pick(f"count/{n}", [self.numbers[n - 1], str(n)])
+
+    def background(self, name: str, p: Picker) -> str:
+        return p.pick(f"background/{name}", self.backgrounds[name])
 
 
 _FR_VOWELS = "aeiouhéèêâîôû"
@@ -213,6 +224,12 @@ class French:
         "below": ["au-dessous de", "en dessous de", "sous"],
     }
     numbers: ClassVar[list[str]] = ["une", "deux", "trois", "quatre", "cinq", "six", "sept", "huit", "neuf"]
+    backgrounds: ClassVar[dict[str, list[str]]] = {
+        "gray": ["gris foncé", "anthracite"],
+        "blue": ["bleu foncé", "bleu nuit"],
+        "green": ["vert foncé", "vert sapin"],
+        "brown": ["brun foncé", "chocolat"],
+    }
 
     def _noun(self, obj: Obj, p: Picker, sized: bool) -> tuple[str, bool]:
         noun, gender, tail = p.pick(f"shape/{obj.shape}", self.shapes[obj.shape])
@@ -250,15 +267,19 @@ class French:
     def count(self, n: int, p: Picker) -> str:
         return p.pick(f"count/{n}", [self.numbers[n - 1], str(n)])
 
+    def background(self, name: str, p: Picker) -> str:
+        return p.pick(f"background/{name}", self.backgrounds[name])
+
 
 EN, FR = English(), French()
 LANGUAGES = (EN, FR)
 
-# Short caption templates: name -> (English, French). Slots: A and B are the two main objects;
-# rAB is "relation of A to B" followed by B, rBA the inverse followed by A.
+# Short caption templates: name -> (English, French). They name only what stands out: A and B, the
+# largest and the second largest object (sized: with their size words), their relation (rAB is
+# "relation of A to B" followed by B, rBA the inverse followed by A), the count n, the background bg.
 SHORT_ONE = {
     "plain": ("{A_a}", "{A_a}"),
-    "background": ("{A_a} on a dark background", "{A_a} sur un fond sombre"),
+    "background": ("{A_a} on a {bg} background", "{A_a} sur un fond {bg}"),
     "lone": ("a lone {A_bare}", "un{A_e} seul{A_e} {A_bare}"),
     "image": ("an image of {A_a}", "une image avec {A_a}"),
     "only": ("there is only {A_a}", "il n'y a qu'{A_a}"),
@@ -270,17 +291,21 @@ SHORT_TWO = {
     "statement": ("{B_the} is {rBA_the}", "{B_the} est {rBA_the}"),
     "showing": ("an image showing {B_a} {rBA_a}", "une image montrant {B_a} {rBA_a}"),
     "sits": ("{A_a} sits {rAB_a}", "{A_a} se trouve {rAB_a}"),
+    "sized": ("{A_sized} {rAB_sized}", "{A_sized} {rAB_sized}"),
+    "largest": ("the largest shape is {A_a}, {rAB_a}", "la plus grande forme est {A_a}, {rAB_a}"),
+    "count": ("{n} shapes, including {A_a} {rAB_a}", "{n} formes, dont {A_a} {rAB_a}"),
+    "background": ("{A_a} {rAB_a} on a {bg} background", "{A_a} {rAB_a} sur un fond {bg}"),
     "and": ("{A_a} and {B_a}", "{A_a} et {B_a}"),  # true for both position twins: not used for them
     "among": ("{A_a} {rAB_a}, among other shapes", "{A_a} {rAB_a}, parmi d'autres formes"),  # 3+ objects
 }
 LONG_INTRO = [
-    ("This image shows {n} shapes on a dark background.", "Cette image montre {n} formes sur un fond sombre."),
-    ("There are {n} shapes in this picture.", "Il y a {n} formes dans cette image."),
-    ("A dark canvas holds {n} shapes.", "Un fond sombre porte {n} formes."),
+    ("This image shows {n} shapes on a {bg} background.", "Cette image montre {n} formes sur un fond {bg}."),
+    ("There are {n} shapes in this picture, on a {bg} background.", "Il y a {n} formes dans cette image, sur un fond {bg}."),
+    ("A {bg} canvas holds {n} shapes.", "Un fond {bg} porte {n} formes."),
 ]
 LONG_INTRO_ONE = [
-    ("This image shows a single shape on a dark background.", "Cette image montre une seule forme sur un fond sombre."),
-    ("There is only one shape in this picture.", "Il n'y a qu'une forme dans cette image."),
+    ("This image shows a single shape on a {bg} background.", "Cette image montre une seule forme sur un fond {bg}."),
+    ("There is only one shape in this picture, on a {bg} background.", "Il n'y a qu'une forme dans cette image, sur un fond {bg}."),
 ]
 LONG_OBJECT = [
     ("{X} is {pos}.", "{X} est {pos}."),
@@ -307,7 +332,8 @@ def short_template_names(scene: Scene) -> list[str]:
 
 def _slots(lang: English | French, scene: Scene, p: Picker) -> dict[str, str]:
     a = scene.objects[0]
-    slots = {"A_a": lang.a(a, p), "A_bare": lang.bare(a, p), "A_e": lang.fem(a, p)}
+    slots = {"A_a": lang.a(a, p), "A_bare": lang.bare(a, p), "A_e": lang.fem(a, p),
+             "bg": lang.background(scene.background, p), "n": lang.count(len(scene.objects), p)}
     if len(scene.objects) > 1:
         b, rel = scene.objects[1], scene.relation
         slots.update(
@@ -316,12 +342,15 @@ def _slots(lang: English | French, scene: Scene, p: Picker) -> dict[str, str]:
             rAB_a=lang.rel(rel, lang.a(b, p), p),
             rBA_a=lang.rel(INVERSE[rel], lang.a(a, p), p),
             rBA_the=lang.rel(INVERSE[rel], lang.the(a, p), p),
+            A_sized=lang.a(a, p, sized=True),
+            rAB_sized=lang.rel(rel, lang.a(b, p, sized=True), p),
         )
     return slots
 
 
 def short_captions(scene: Scene, seed: str, n: int) -> tuple[list[str], list[str]]:
-    """`n` paraphrases of the main objects and their relation, in English and (parallel) French."""
+    """`n` paraphrases of what stands out (the two largest objects and their relation, sometimes
+    their sizes, the count or the background), in English and (parallel) French."""
     names = Picker(seed).order("short", short_template_names(scene))[:n]
     templates = SHORT_ONE if len(scene.objects) == 1 else SHORT_TWO
     out: tuple[list[str], list[str]] = ([], [])
@@ -333,17 +362,25 @@ def short_captions(scene: Scene, seed: str, n: int) -> tuple[list[str], list[str
     return out
 
 
+def _long_order(scene: Scene, p: Picker) -> list[int]:
+    """The two main objects first (in either order), then the others in a random order."""
+    main = [int(i) for i in p.order("main", [str(i) for i in range(min(2, len(scene.objects)))])]
+    return main + [int(i) for i in p.order("objects", [str(i) for i in range(2, len(scene.objects))])]
+
+
 def long_caption(scene: Scene, seed: str) -> tuple[str, str]:
-    """A dense description of every object (size, colour, shape, position), each after the first
-    followed by its relation to the previous one, in English and French. Objects are described in a
-    random order, so in a busy scene those past CLIP's 77 tokens are any of them."""
+    """A dense description, in English and French: the count and the background, then every object
+    (size, colour, shape, position), each after the first followed by its relation to the previous
+    one. Like a dense captioner, it starts with the two main objects and their relation, so it says
+    all that a short caption says; the other objects follow in a random order, so in a busy scene
+    those past CLIP's 77 tokens are any of them."""
     p = Picker(f"{seed}/long")
     objects = scene.objects
-    order = [int(i) for i in p.order("objects", [str(i) for i in range(len(objects))])]
+    order = _long_order(scene, p)
     out = []
     for k, lang in enumerate(LANGUAGES):
         intro = p.pick("intro", LONG_INTRO_ONE if len(objects) == 1 else LONG_INTRO)[k]
-        sentences = [intro.format(n=lang.count(len(objects), p))]
+        sentences = [intro.format(n=lang.count(len(objects), p), bg=lang.background(scene.background, p))]
         for j, i in enumerate(order):
             obj = objects[i]
             template = p.pick(f"object/{j}", LONG_OBJECT)[k]
@@ -353,7 +390,9 @@ def long_caption(scene: Scene, seed: str) -> tuple[str, str]:
             x, y = objects[order[j - 1]], obj  # the relation to the previous object follows each object
             if p.chance(f"flip/{j - 1}", 0.5):
                 x, y = y, x
-            name = relation(x, y, vertical=p.chance(f"axis/{j - 1}", 0.5))
+            # The main pair's relation is on the axis that the short captions use.
+            vertical = scene.relation in ("above", "below") if j == 1 else p.chance(f"axis/{j - 1}", 0.5)
+            name = relation(x, y, vertical=vertical)
             template = p.pick(f"relation/{j - 1}", LONG_RELATION)[k]
             sentences.append(_cap(template.format(X=lang.the(x, p), rel=lang.rel(name, lang.the(y, p), p))))
         out.append(" ".join(sentences))
