@@ -318,6 +318,12 @@ def test_eval_command_on_a_tiny_world(tiny, capsys):
     table = (out / "report.md").read_text().splitlines()
     assert table[2].startswith("| model | short i2t R@1 | short t2i R@1 | long i2t R@1")
     assert table[4].startswith("| LLM2CLIP | ") and table[5].startswith("| CLIP | ")
+    # Chance beside every metric: 1/6 top-1 and 5/6 top-5 over the 6 shapes, 1/7 R@1 among 7 images.
+    assert report["chance"]["zeroshot"] == {"top-1": pytest.approx(1 / 6), "top-5": pytest.approx(5 / 6)}
+    assert report["chance"]["retrieval_short"]["t2i R@1"] == pytest.approx(1 / 7)
+    assert report["chance"]["retrieval_long"]["i2t R@1"] == pytest.approx(1 / 7)
+    assert report["chance"]["cra"] == {"cra": pytest.approx(1 / 7)}
+    assert table[6] == "| chance | " + " | ".join(["14.3"] * 8 + ["16.7", "83.3", "14.3"]) + " |"
     assert "skipped 1 unreadable image" in printed
 
 

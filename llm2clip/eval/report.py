@@ -1,4 +1,5 @@
-"""The evaluation report: report.json (every metric, as fractions) and report.md (one table, in %)."""
+"""The evaluation report: report.json (every metric, as fractions) and report.md (one table, in %,
+with a last row for the chance level of each metric)."""
 
 from __future__ import annotations
 
@@ -28,9 +29,10 @@ def markdown(report: dict) -> str:
         "| model | " + " | ".join(header for _, _, header in columns) + " |",
         "|---|" + "---:|" * len(columns),
     ]
-    for model in report["models"]:
-        cells = [f"{100 * model['metrics'][task][key]:.1f}" for task, key, _ in columns]
-        lines.append(f"| {model['name']} | " + " | ".join(cells) + " |")
+    rows = [(model["name"], model["metrics"]) for model in report["models"]] + [("chance", report["chance"])]
+    for name, metrics in rows:
+        cells = [f"{100 * metrics[task][key]:.1f}" for task, key, _ in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
     for task, info in report["tasks"].items():
         if "skipped" in info:

@@ -3,6 +3,7 @@
 Tasks: image-text retrieval with the short captions, the long captions and the second-language
 (French) short and long captions; zero-shot classification; and CRA (caption retrieval accuracy of
 each model's text features, captions 0 against 1). Unreadable images are skipped and counted.
+Every metric is reported beside its chance level: what a model that scores everything alike gets.
 Writes report.json and report.md under out_dir and prints the table.
 """
 
@@ -217,6 +218,25 @@ def evaluate_tower(tower: ImageTextTower, plan: Plan, batch_size: int) -> dict[s
     return metrics
 
 
+def chance_metrics(plan: Plan) -> dict[str, dict[str, float]]:
+    """The chance level of every metric: the score of a model whose similarities all tie (ties
+    count fractionally), e.g. 1/classes for zero-shot top-1 and about 1/images for retrieval R@1."""
+    metrics = {}
+    for task, info in plan.info.items():
+        if "skipped" in info:
+            continue
+        if task in RETRIEVAL:
+            chosen = plan.retrieval[task]
+            metrics[task] = retrieval_recall(torch.zeros(len(chosen.rows), len(chosen.texts)), torch.tensor(chosen.text_image))
+        elif task == "cra":
+            same = torch.ones(len(plan.pairs), 1)
+            metrics[task] = {"cra": caption_retrieval_accuracy(same, same)}
+        else:
+            labels = torch.tensor([label for _, label in plan.labelled])
+            metrics[task] = zeroshot_accuracy(torch.zeros(len(labels), len(plan.classnames)), labels)
+    return metrics
+
+
 def evaluate(config: EvalConfig) -> dict:
     """Evaluate every model on every task; write report.json and report.md; return the report."""
     _check(config)
@@ -228,6 +248,7 @@ def evaluate(config: EvalConfig) -> dict:
         "skipped_images": {"count": len(work.unreadable), "reasons": work.unreadable[:MAX_LISTED_REASONS]},
         "skipped_entries": work.skipped_entries,
         "models": [],
+        "chance": chance_metrics(work),
         "config": config_to_dict(config),
     }
     if "pairs" in work.info.get("cra", {}):
