@@ -370,7 +370,7 @@ def test_report_cra_on_long_captions(small_world, capsys):
     assert "CRA (long captions) on 20 train images" in capsys.readouterr().out
     with pytest.raises(InputError, match="has 3 long captions"):
         report_cra(CRAConfig(data=small_world, split="train", kind="long", caption_b=2))
-    with pytest.raises(InputError, match="kind must be short or long"):
+    with pytest.raises(InputError, match="kind must be one of short, long, translated, translated_long"):
         report_cra(CRAConfig(data=small_world, kind="medium"))
 
 
