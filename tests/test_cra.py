@@ -29,8 +29,9 @@ def test_translated_pairs_are_each_english_caption_and_its_own_rendering(small_w
 
 def test_bag_of_words_is_at_chance_when_the_languages_share_no_word(tmp_path):
     data = tmp_path / "captions.jsonl"
+    colours = [("red", "rouge"), ("green", "vert"), ("grey", "gris"), ("black", "noir")]
     lines = [{"image": f"{i}.png", "captions": [f"a {colour} cat"], "captions_fr": [f"un chat {couleur}"]}
-             for i, (colour, couleur) in enumerate([("red", "rouge"), ("green", "vert"), ("grey", "gris"), ("black", "noir")])]
+             for i, (colour, couleur) in enumerate(colours)]
     data.write_text("".join(json.dumps(line) + "\n" for line in lines))
     report = report_cra(CRAConfig(data=data, split=None, kind="translated"))
     assert report["images"] == 4 and report["cra"]["bag of words"] == pytest.approx(report["chance"]) == 0.25

@@ -228,20 +228,24 @@ def test_world_gives_every_kind_of_pair(small_world):
     assert set(only_short.kinds) == {"short_short"} and len(only_short) == len(records)
 
 
+COLOURS = ["red", "green", "yellow", "pink", "white", "black", "brown", "orange"]
+
+
 def sharegpt4v_file(path: Path, images: int) -> Path:
     """A ShareCaptioner-style file: one dense caption per image, whose first sentence is the short one."""
     entries = [{"id": f"sa_{i}", "image": f"sam/images/sa_{i}.jpg", "conversations": [
         {"from": "human", "value": "<image>\nWhat do you see happening in this image?"},
         {"from": "gpt", "value": f"A {colour} circle sits left of a blue square. The background is dark grey, "
                                  f"and the {colour} circle is twice the size of the square."}]}
-               for i, colour in enumerate(["red", "green", "yellow", "pink", "white", "black", "brown", "orange"][:images])]
+               for i, colour in enumerate(COLOURS[:images])]
     path.write_text(json.dumps(entries))
     return path
 
 
 def test_sharegpt4v_file_pairs_each_short_caption_with_its_dense_caption(tmp_path):
     data = sharegpt4v_file(tmp_path / "share-captioner.json", images=6)
-    config = load_config(ContrastiveConfig, CONFIGS / "llama3-8b-stage1-contrastive.yaml", [f"data={data}", "corpus=null"])
+    config = load_config(ContrastiveConfig, CONFIGS / "llama3-8b-stage1-contrastive.yaml",
+                         [f"data={data}", "corpus=null"])
     pairs = training_pairs(config)
     assert pairs.counts == {"short_long": 6}
     for index in range(len(pairs)):

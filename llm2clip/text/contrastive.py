@@ -216,9 +216,10 @@ class CaptionContrastiveTrainer(Trainer):
         return self.encoder.pool(hidden, features)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        positive = {name.removeprefix("positive_"): value for name, value in inputs.items() if name.startswith("positive_")}
-        anchors = self._embed(model, {name: value for name, value in inputs.items() if not name.startswith("positive_")})
-        positives = self._embed(model, positive)
+        anchor_side = {name: value for name, value in inputs.items() if not name.startswith("positive_")}
+        positive_side = {name.removeprefix("positive_"): value for name, value in inputs.items()
+                         if name.startswith("positive_")}
+        anchors, positives = self._embed(model, anchor_side), self._embed(model, positive_side)
         loss = self.loss_fn(anchors, positives)
         return (loss, {"embeddings": torch.cat([anchors, positives])}) if return_outputs else loss
 

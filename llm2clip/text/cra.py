@@ -106,7 +106,8 @@ def report_cra(config: CRAConfig) -> dict:
     report = {"data": str(config.data), "split": config.split, "kind": config.kind, "images": len(a_texts),
               "chance": 1 / len(a_texts), "cra": rows}
     width = max(len(name) for name in rows)
-    print(f"CRA ({config.kind.replace('_', ' ')} captions) on {len(a_texts)} {config.split} images (chance {100 / len(a_texts):.2f}%)")
+    print(f"CRA ({config.kind.replace('_', ' ')} captions) on {len(a_texts)} {config.split} images "
+          f"(chance {100 / len(a_texts):.2f}%)")
     for name, value in rows.items():
         print(f"  {name:<{width}}  {100 * value:6.2f}%")
     if config.out is not None:
