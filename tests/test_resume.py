@@ -78,7 +78,8 @@ def test_mntp_resume(tmp_path, causal_lm_dir, small_world):
 
 def test_contrastive_resume(tmp_path, encoder_dir, small_world):
     def run(out: Path) -> dict[int, float]:
-        # 20 caption pairs and 2 plain-text pairs make 5 batches of 4 per epoch: checkpoint 6 is in the second.
+        # 10 short_long, 5 short_short and 5 long_long pairs make 4 one-kind batches of 4 per epoch (the 2 plain-text
+        # pairs fill none): checkpoint 6 is in the second epoch.
         train_contrastive(ContrastiveConfig(model=encoder_dir, data=small_world, corpus=small_world / "corpus.txt",
                                             out_dir=out, max_length=48, train=settings()))
         return logged_losses(out)

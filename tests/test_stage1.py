@@ -13,14 +13,15 @@ from safetensors.torch import load_file
 from test_fileio import file_states
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from llm2clip.data.records import load_image_texts
+from llm2clip.config import load_config
+from llm2clip.data.records import ImageText, load_image_texts
 from llm2clip.errors import InputError
 from llm2clip.text.contrastive import (
-    LONG,
-    SHORT,
     CaptionPairs,
     ContrastiveConfig,
+    PairCollator,
     SameKindBatches,
+    pair_counts,
     train_contrastive,
     training_pairs,
 )
@@ -28,6 +29,8 @@ from llm2clip.text.cra import CRAConfig, bag_of_words_cra, caption_pairs, captio
 from llm2clip.text.encoder import LLMEncoder
 from llm2clip.text.mntp import MaskedBlocks, MNTPConfig, corpus_blocks, mask_token_id, train_mntp
 from llm2clip.training import TrainSettings
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def tiny_train(**overrides) -> TrainSettings:
@@ -156,51 +159,136 @@ def test_train_mntp_refuses_bad_input(tmp_path, causal_lm_dir, small_world):
 # --- caption contrastive ------------------------------------------------------------------------
 
 
-def test_caption_pairs_draw_two_different_captions_then_plain_sentences():
-    pairs = CaptionPairs([["a", "b", "c"], ["only one"], ["d", "e"]], ["plain text"], seed=0)
-    assert len(pairs) == 3  # the one-caption image cannot form a pair
-    for index in range(2):
+def image(shorts: list[str], longs: list[str] = ()) -> ImageText:
+    return ImageText(image=Path("x.png"), captions=list(shorts), long_captions=list(longs))
+
+
+def test_caption_pairs_draw_from_seed_epoch_and_index_then_plain_sentences():
+    records = [image(["a", "b", "c"], ["long a"]), image(["only one"]), image(["d", "e"], ["long d", "long e"])]
+    counts = {"short_long": 2, "short_short": 2, "long_long": 1}
+    pairs = CaptionPairs(records, counts, ["plain text"], seed=0)
+    assert pairs.kinds == ["short_long"] * 2 + ["short_short"] * 2 + ["long_long", "plain"]
+    for index in range(5):
         first, second = pairs[0, index]
         assert first != second
-    assert pairs[0, 2] == ("plain text", "plain text")
-    draws = [pairs[epoch, 0] for epoch in range(20)]
+    assert pairs[0, 4] in {("long d", "long e"), ("long e", "long d")}
+    assert pairs[0, 5] == ("plain text", "plain text")
+    draws = [pairs[epoch, 2] for epoch in range(20)]
     assert len(set(draws)) > 1  # a fresh draw each epoch ...
-    again = CaptionPairs([["a", "b", "c"], ["only one"], ["d", "e"]], ["plain text"], seed=0)
-    assert [again[epoch, 0] for epoch in reversed(range(20))] == draws[::-1]  # ... from (seed, epoch, index) alone
-    with pytest.raises(InputError, match="two captions"):
-        CaptionPairs([["lonely"]], [], seed=0)
+    again = CaptionPairs(records, counts, ["plain text"], seed=0)
+    assert [again[epoch, 2] for epoch in reversed(range(20))] == draws[::-1]  # ... from (seed, epoch, index) alone
 
 
-def test_long_captions_pair_with_long_captions_only(small_world):
-    config = ContrastiveConfig(data=small_world, corpus=small_world / "corpus.txt", include_long_captions=True)
+def test_short_long_pairs_put_the_short_caption_first_and_walk_every_image():
+    records = [image([f"short {i}", f"other short {i}"], [f"long {i}"]) for i in range(5)]
+    pairs = CaptionPairs(records, {"short_long": 2}, [], seed=0)
+    seen = set()
+    for epoch in range(5):  # 2 pairs an epoch over 5 images: each epoch goes on where the last one stopped
+        for index in range(2):
+            short, long = pairs[epoch, index]
+            number = long.removeprefix("long ")
+            assert short in {f"short {number}", f"other short {number}"}
+            seen.add(number)
+    assert seen == {str(i) for i in range(5)}
+
+
+def test_pair_counts_share_the_mix_among_the_kinds_the_data_can_form():
+    world_like = [image(["a", "b"], ["long a", "long b"])] * 20
+    assert pair_counts(world_like, {"short_long": 0.5, "short_short": 0.25, "long_long": 0.25}) == {
+        "short_long": 10, "short_short": 5, "long_long": 5}
+    sharegpt4v_like = [image(["a"], ["a. And more."])] * 8  # one short, one long: only short_long
+    assert pair_counts(sharegpt4v_like, {"short_long": 1, "short_short": 0.25, "long_long": 0.25}) == {"short_long": 8}
+    coco_like = [image(["a", "b", "c"])] * 6
+    assert pair_counts(coco_like, {"short_long": 1, "short_short": 0.25, "long_long": 0.25}) == {"short_short": 6}
+    one_sentence = [image(["a cat"], ["a cat"])] * 3  # a LLaVA caption read as short and long is no pair
+    with pytest.raises(InputError, match="no image has two captions of a kind the pair mix asks for"):
+        pair_counts(one_sentence, {"short_long": 1})
+    with pytest.raises(InputError, match="unknown pair kind 'short_medium'"):
+        pair_counts(world_like, {"short_medium": 1})
+    with pytest.raises(InputError, match="weights must be >= 0"):
+        pair_counts(world_like, {"short_long": -1, "short_short": 2})
+    with pytest.raises(InputError, match="weights must be >= 0"):
+        pair_counts(world_like, {"short_long": 0})
+
+
+def test_world_gives_every_kind_of_pair(small_world):
+    config = ContrastiveConfig(data=small_world, corpus=small_world / "corpus.txt")
     pairs = training_pairs(config)
     records = load_image_texts(small_world, "train")
     shorts = {c for r in records for c in r.captions}
     longs = {c for r in records for c in r.long_captions}
-    assert pairs.kinds.count(LONG) == len(records) and pairs.kinds.count(SHORT) == len(pairs) - len(records)
-    for index, kind in enumerate(pairs.kinds[: len(pairs.groups)]):
+    assert pairs.counts == {"short_long": 10, "short_short": 5, "long_long": 5}
+    assert pairs.kinds.count("plain") == len(pairs.sentences) == 2
+    sides = {"short_long": (shorts, longs), "short_short": (shorts, shorts), "long_long": (longs, longs)}
+    for index, kind in enumerate(pairs.kinds):
         first, second = pairs[0, index]
-        assert first != second and {first, second} <= (longs if kind == LONG else shorts)
-    without = training_pairs(ContrastiveConfig(data=small_world, corpus=None))
-    assert set(without.kinds) == {SHORT} and len(without) == len(records)
+        if kind != "plain":
+            assert first != second and first in sides[kind][0] and second in sides[kind][1]
+    only_short = training_pairs(ContrastiveConfig(data=small_world, corpus=None, pairs={"short_short": 1}))
+    assert set(only_short.kinds) == {"short_short"} and len(only_short) == len(records)
+
+
+COLOURS = ["red", "green", "yellow", "pink", "white", "black", "brown", "orange"]
+
+
+def sharegpt4v_file(path: Path, images: int) -> Path:
+    """A ShareCaptioner-style file: one dense caption per image, whose first sentence is the short one."""
+    entries = [{"id": f"sa_{i}", "image": f"sam/images/sa_{i}.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat do you see happening in this image?"},
+        {"from": "gpt", "value": f"A {colour} circle sits left of a blue square. The background is dark grey, "
+                                 f"and the {colour} circle is twice the size of the square."}]}
+               for i, colour in enumerate(COLOURS[:images])]
+    path.write_text(json.dumps(entries))
+    return path
+
+
+def test_sharegpt4v_file_pairs_each_short_caption_with_its_dense_caption(tmp_path):
+    data = sharegpt4v_file(tmp_path / "share-captioner.json", images=6)
+    config = load_config(ContrastiveConfig, CONFIGS / "llama3-8b-stage1-contrastive.yaml",
+                         [f"data={data}", "corpus=null"])
+    pairs = training_pairs(config)
+    assert pairs.counts == {"short_long": 6}
+    for index in range(len(pairs)):
+        short, dense = pairs[0, index]
+        assert dense.startswith(short) and short.endswith("square.") and len(dense) > len(short)
+
+
+def test_real_scale_config_trains_on_a_sharegpt4v_fixture(tmp_path, encoder_dir, small_world, one_thread):
+    data = sharegpt4v_file(tmp_path / "share-captioner.json", images=8)
+    overrides = [f"model={encoder_dir}", f"data={data}", f"corpus={small_world / 'corpus.txt'}",
+                 f"out_dir={tmp_path / 'contrastive'}", "plain_text_max_words=20", "max_length=48",
+                 "train.max_steps=2", "train.batch_size=2", "train.precision=fp32", "train.deepspeed=null",
+                 "train.dataloader_workers=0", "train.save_steps=2", "train.logging_steps=1"]
+    report = train_contrastive(load_config(ContrastiveConfig, CONFIGS / "llama3-8b-stage1-contrastive.yaml", overrides))
+    assert report["steps"] == 2 and report["caption_pairs"] == {"short_long": 8}
+    assert (tmp_path / "contrastive" / "merged" / "model.safetensors").is_file()
+
+
+def test_pair_collator_pads_anchors_and_positives_apart(encoder_dir):
+    encoder = LLMEncoder.from_pretrained(encoder_dir)
+    short, long = "a red star", " ".join(["a small crimson box right of a big blue circle."] * 4)
+    batch = PairCollator(encoder)([(short, long), ("a blue box", long)])
+    assert batch["input_ids"].shape[1] < batch["positive_input_ids"].shape[1] / 3  # shorts not padded to the long side
+    assert batch["attention_mask"].shape == batch["input_ids"].shape
+    assert batch["positive_attention_mask"].shape == batch["positive_input_ids"].shape
 
 
 def test_same_kind_batches_keep_each_block_to_one_kind():
-    kinds = [SHORT] * 10 + [LONG] * 7 + [SHORT] * 3
+    kinds = ["short_short"] * 10 + ["short_long"] * 7 + ["short_short"] * 3
     sampler = SameKindBatches(kinds, block=4, seed=0)
     keys = list(sampler)
     assert {epoch for epoch, _ in keys} == {0}
     order = [index for _, index in keys]
-    assert len(order) == len(sampler) == 16  # 13 short -> 3 blocks, 7 long -> 1 block
+    assert len(order) == len(sampler) == 16  # 13 short_short -> 3 blocks, 7 short_long -> 1 block
     assert len(set(order)) == 16
     blocks = [order[i : i + 4] for i in range(0, 16, 4)]
     assert all(len({kinds[i] for i in block}) == 1 for block in blocks)
-    assert sorted(kinds[block[0]] for block in blocks) == [SHORT, SHORT, SHORT, LONG]
+    assert sorted(kinds[block[0]] for block in blocks) == ["short_long"] + ["short_short"] * 3
     assert list(SameKindBatches(kinds, block=4, seed=0)) == keys  # the same epoch, the same order
     sampler.set_epoch(1)
     assert {epoch for epoch, _ in sampler} == {1} and [index for _, index in sampler] != order
-    with pytest.warns(UserWarning, match="long-caption pairs"):
-        assert len(SameKindBatches(kinds, block=8, seed=0)) == 8  # 13 short -> 1 block; 7 long fill none
+    with pytest.warns(UserWarning, match="short_long"):
+        assert len(SameKindBatches(kinds, block=8, seed=0)) == 8  # 13 short_short -> 1 block; 7 short_long fill none
     with pytest.raises(InputError, match="every kind of pair has fewer pairs than one global batch of 16"):
         SameKindBatches(kinds, block=16, seed=0)
 
@@ -208,13 +296,13 @@ def test_same_kind_batches_keep_each_block_to_one_kind():
 def test_train_contrastive_outputs_load_and_agree(tmp_path, encoder_dir, small_world):
     out = tmp_path / "contrastive"
     config = ContrastiveConfig(model=encoder_dir, data=small_world, corpus=small_world / "corpus.txt",
-                               include_long_captions=True, out_dir=out, max_length=48, train=tiny_train())
+                               out_dir=out, max_length=48, train=tiny_train())
     train_contrastive(config)
     before = file_states(out)
     assert train_contrastive(config)["steps"] == 2  # finished: a rerun changes nothing
     assert file_states(out) == before
     report = json.loads((out / "contrastive_report.json").read_text())
-    assert report["long_caption_pairs"] > 0
+    assert report["caption_pairs"] == {"short_long": 10, "short_short": 5, "long_long": 5}
     assert report["steps"] == 2 and report["plain_text_pairs"] > 0
     assert json.loads((out / "merged" / "llm2vec_config.json").read_text())["max_length"] == 512
     texts = ["a crimson circle left of a blue box", "two shapes"]
@@ -286,7 +374,7 @@ def test_report_cra_on_long_captions(small_world, capsys):
     assert "CRA (long captions) on 20 train images" in capsys.readouterr().out
     with pytest.raises(InputError, match="has 3 long captions"):
         report_cra(CRAConfig(data=small_world, split="train", kind="long", caption_b=2))
-    with pytest.raises(InputError, match="kind must be short or long"):
+    with pytest.raises(InputError, match="kind must be one of short, long, translated, translated_long"):
         report_cra(CRAConfig(data=small_world, kind="medium"))
 
 

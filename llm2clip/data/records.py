@@ -77,6 +77,8 @@ class ImageText:
     captions: list[str]  # short captions (>= 1)
     long_captions: list[str] = field(default_factory=list)
     translated: list[str] = field(default_factory=list)  # second-language captions (short + long)
+    captions_fr: list[str] = field(default_factory=list)  # captions_fr[i] renders captions[i]
+    long_captions_fr: list[str] = field(default_factory=list)  # long_captions_fr[i] renders long_captions[i]
     qa: list[dict] = field(default_factory=list)  # {"question", "answer", "type"}
     id: str = ""
 
@@ -195,13 +197,16 @@ def _read_jsonl(path: Path, split: str | None, image_root: str | Path | None, sk
         qa = entry.get("qa", [])
         if not isinstance(qa, list) or not all(isinstance(q, dict) for q in qa):
             raise InputError(f"{where}: 'qa' must be a list of objects")
+        captions_fr = _texts(entry.get("captions_fr"), where, "captions_fr")
+        long_captions_fr = _texts(entry.get("long_caption_fr"), where, "long_caption_fr")
         skips.keep()
         records.append(ImageText(
             image=_absolute(root, entry["image"]),
             captions=captions,
             long_captions=long_captions,
-            translated=_texts(entry.get("captions_fr"), where, "captions_fr")
-            + _texts(entry.get("long_caption_fr"), where, "long_caption_fr"),
+            translated=captions_fr + long_captions_fr,
+            captions_fr=captions_fr,
+            long_captions_fr=long_captions_fr,
             qa=qa,
             id=str(entry.get("id", f"{path.stem}-{lineno}")),
         ))

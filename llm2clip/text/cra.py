@@ -4,6 +4,10 @@ For each image take two of its captions, A and B. CRA is the share of A captions
 neighbour (cosine) among all B captions is their own partner. Ties count fractionally, so a model
 that cannot separate two captions scores chance between them, not a lucky win.
 A bag-of-words baseline is reported next to each model: the trivial solution to beat.
+
+The translated kinds score an English caption against its own French rendering (`captions_fr`,
+`long_caption_fr` in JSONL and world files): whether the encoder carries meaning across languages.
+Two languages share few words, so the bag of words sits near chance there.
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ class CRAConfig:
     model: list[str] | None = None  # one or more encoder directories (comma-separated on the command line)
     data: Path = Path("runs/world")
     split: str = "test"
-    kind: str = "short"  # short | long: which captions of each image form the pairs
-    caption_a: int = 0  # which caption of each image is A
-    caption_b: int = 1  # and which is B
+    kind: str = "short"  # short | long: two captions of each image; translated | translated_long: one and its French
+    caption_a: int = 0  # which caption of each image is A (translated kinds: the English one, B its rendering)
+    caption_b: int = 1  # and which is B (short and long kinds)
     max_images: int | None = None
     pooling_mode: str | None = None  # default: the encoder's own (llm2vec_config.json) or mean
     max_length: int | None = None
@@ -61,16 +65,29 @@ def bag_of_words_cra(a_texts: list[str], b_texts: list[str]) -> float:
     return caption_retrieval_accuracy(bag_of_words(a_texts, vocabulary), bag_of_words(b_texts, vocabulary))
 
 
+KINDS = ("short", "long", "translated", "translated_long")
+
+
 def caption_pairs(config: CRAConfig) -> tuple[list[str], list[str]]:
-    if config.kind not in ("short", "long"):
-        raise InputError(f"kind must be short or long, got {config.kind!r}")
+    if config.kind not in KINDS:
+        raise InputError(f"kind must be one of {', '.join(KINDS)}; got {config.kind!r}")
     records = load_image_texts(config.data, split=config.split)
-    captions = [r.captions if config.kind == "short" else r.long_captions for r in records]
-    needed = max(config.caption_a, config.caption_b) + 1
-    usable = [texts for texts in captions if len(texts) >= needed][: config.max_images]
+    if config.kind.startswith("translated"):
+        side_a = [r.captions if config.kind == "translated" else r.long_captions for r in records]
+        side_b = [r.captions_fr if config.kind == "translated" else r.long_captions_fr for r in records]
+        indices = (config.caption_a, config.caption_a)
+        french_key = "captions_fr" if config.kind == "translated" else "long_caption_fr"
+        wanted = f"caption {config.caption_a} with its French rendering ({french_key})"
+    else:
+        side_a = side_b = [r.captions if config.kind == "short" else r.long_captions for r in records]
+        indices = (config.caption_a, config.caption_b)
+        wanted = f"{max(indices) + 1} {config.kind} captions"
+    a, b = indices
+    usable = [(texts_a, texts_b) for texts_a, texts_b in zip(side_a, side_b) if a < len(texts_a) and b < len(texts_b)]
+    usable = usable[: config.max_images]
     if not usable:
-        raise InputError(f"no image in {config.data} ({config.split}) has {needed} {config.kind} captions")
-    return [texts[config.caption_a] for texts in usable], [texts[config.caption_b] for texts in usable]
+        raise InputError(f"no image in {config.data} ({config.split}) has {wanted}")
+    return [texts_a[a] for texts_a, _ in usable], [texts_b[b] for _, texts_b in usable]
 
 
 def model_cra(model_dir: str, a_texts: list[str], b_texts: list[str], config: CRAConfig) -> float:
@@ -89,7 +106,8 @@ def report_cra(config: CRAConfig) -> dict:
     report = {"data": str(config.data), "split": config.split, "kind": config.kind, "images": len(a_texts),
               "chance": 1 / len(a_texts), "cra": rows}
     width = max(len(name) for name in rows)
-    print(f"CRA ({config.kind} captions) on {len(a_texts)} {config.split} images (chance {100 / len(a_texts):.2f}%)")
+    print(f"CRA ({config.kind.replace('_', ' ')} captions) on {len(a_texts)} {config.split} images "
+          f"(chance {100 / len(a_texts):.2f}%)")
     for name, value in rows.items():
         print(f"  {name:<{width}}  {100 * value:6.2f}%")
     if config.out is not None:
