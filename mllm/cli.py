@@ -56,6 +56,27 @@ COMMANDS: tuple[Command, ...] = (
         ),
     ),
     Command(
+        ("probe",),
+        "mllm.probe:ProbeConfig",
+        "mllm.probe:probe",
+        "Fit linear probes from a vision tower's LLaVA features to the world's scene attributes, beside the floor.",
+        flags=(
+            Flag("--tower", "tower", "CLIPVisionModel directory (e.g. stage 2's vision_tower/)"),
+            Flag("--world", "world", "synthetic world directory (<split>.jsonl records and images)"),
+            Flag("--out", "out_dir", "directory for probe.json and probe.md"),
+        ),
+    ),
+    Command(
+        ("oracle",),
+        "mllm.oracle:OracleConfig",
+        "mllm.oracle:build_oracle",
+        "Diagnostic: a world of images that encode each scene exactly and a tower that passes the code to the projector.",
+        flags=(
+            Flag("--world", "world", "synthetic world directory"),
+            Flag("--out", "out_dir", "output directory (tower/ and world/)"),
+        ),
+    ),
+    Command(
         ("eval",),
         "mllm.evaluate:EvalConfig",
         "mllm.evaluate:evaluate",
