@@ -3,14 +3,22 @@
 It shares the `llm2clip` command machinery: every subcommand reads a config dataclass whose defaults
 are the tiny embedded run, a YAML file (`--config`) and `KEY=VALUE` overrides change any key, and
 named flags are shortcuts for common keys.
+
+Idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE) unless the environment says otherwise: with libgomp's
+default they spin, and on CPU cores shared with other processes a tiny LLaVA's finetune step then took 1.8x
+as long (bench/llava_step.py). The policy is read once, when torch loads OpenMP, so it is set before any import
+of torch.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
-from llm2clip import cli
-from llm2clip.cli import Command, Flag
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from llm2clip import cli  # noqa: E402 (after the OpenMP policy)
+from llm2clip.cli import Command, Flag  # noqa: E402
 
 COMMANDS: tuple[Command, ...] = (
     Command(

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -282,6 +285,17 @@ def test_training_input_errors(parts, tmp_path):
         (tmp_path / "adapter").mkdir()
         (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/gone"}))
         export(ExportConfig(model=tmp_path / "adapter", out_dir=tmp_path / "out", image=None))
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_mllm_cli_lets_idle_openmp_threads_sleep_unless_told_otherwise(given, expected):
+    """Set before torch loads OpenMP, which reads it once; a policy in the environment is kept."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import os, sys, mllm.cli; print('torch' in sys.modules, os.environ.get('OMP_WAIT_POLICY'))"
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", expected]
 
 
 def test_cli_prints_configs_and_one_line_errors(tmp_path, capsys):
