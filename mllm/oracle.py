@@ -83,7 +83,7 @@ def oracle_image(cells: list[dict | None]) -> Image.Image:
         block[:FEATURES, 0] = (code * 255).to(torch.uint8)
         block[:FEATURES, 1] = ((1 - code) * 255).to(torch.uint8)
         pixels[row * PATCH:(row + 1) * PATCH, col * PATCH:(col + 1) * PATCH] = block.view(PATCH, PATCH, 3)
-    return Image.fromarray(pixels.numpy(), mode="RGB")
+    return Image.fromarray(pixels.numpy())
 
 
 def oracle_tower() -> tuple[CLIPVisionModel, CLIPImageProcessor]:
