@@ -3,14 +3,22 @@
 It shares the `llm2clip` command machinery: every subcommand reads a config dataclass whose defaults
 are the tiny embedded run, a YAML file (`--config`) and `KEY=VALUE` overrides change any key, and
 named flags are shortcuts for common keys.
+
+Idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE) unless the environment says otherwise: with libgomp's
+default they spin, and on CPU cores shared with other processes a tiny LLaVA's finetune step then took 1.8x
+as long (bench/llava_step.py). The policy is read once, when torch loads OpenMP, so it is set before any import
+of torch.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
-from llm2clip import cli
-from llm2clip.cli import Command, Flag
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from llm2clip import cli  # noqa: E402 (after the OpenMP policy)
+from llm2clip.cli import Command, Flag  # noqa: E402
 
 COMMANDS: tuple[Command, ...] = (
     Command(
@@ -53,6 +61,27 @@ COMMANDS: tuple[Command, ...] = (
             Flag("--model", "model", "Llava or LoRA adapter directory (finetune's final/ or a checkpoint)"),
             Flag("--out", "out_dir", "output directory"),
             Flag("--dtype", "dtype", "auto | float32 | bfloat16 | float16"),
+        ),
+    ),
+    Command(
+        ("probe",),
+        "mllm.probe:ProbeConfig",
+        "mllm.probe:probe",
+        "Fit linear probes from a vision tower's LLaVA features to the world's scene attributes, beside the floor.",
+        flags=(
+            Flag("--tower", "tower", "CLIPVisionModel directory (e.g. stage 2's vision_tower/)"),
+            Flag("--world", "world", "synthetic world directory (<split>.jsonl records and images)"),
+            Flag("--out", "out_dir", "directory for probe.json and probe.md"),
+        ),
+    ),
+    Command(
+        ("oracle",),
+        "mllm.oracle:OracleConfig",
+        "mllm.oracle:build_oracle",
+        "Diagnostic: a world of images that encode each scene exactly and a tower that passes the code to the projector.",
+        flags=(
+            Flag("--world", "world", "synthetic world directory"),
+            Flag("--out", "out_dir", "output directory (tower/ and world/)"),
         ),
     ),
     Command(

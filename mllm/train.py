@@ -24,6 +24,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import LlavaForConditionalGeneration, LlavaProcessor, Trainer, TrainerState, set_seed
+from transformers.loss.loss_utils import ForCausalLMLoss
 
 from llm2clip.config import config_to_dict
 from llm2clip.errors import InputError
@@ -32,7 +33,7 @@ from llm2clip.rerun import finished_run, total_runtime
 from llm2clip.sampling import train_dataloader
 from llm2clip.training import LoraSettings, TrainSettings, resume_checkpoint, training_arguments
 from mllm.builder import BuildSettings, build_llava, load_llava
-from mllm.data import LlavaCollator, LlavaDataset, ModalityLengthGroupedSampler, read_llava_json
+from mllm.data import IGNORE_INDEX, LlavaCollator, LlavaDataset, ModalityLengthGroupedSampler, read_llava_json
 from mllm.templates import chat_template
 
 REPORT = "train_report.json"
@@ -135,6 +136,8 @@ class LlavaTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.truncated += inputs.pop("truncated")
+        if self.compute_loss_func is answer_loss:
+            inputs["logits_to_keep"] = answer_positions(inputs["labels"])
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if "pixel_values" not in inputs:
             # A text-only batch still runs the tower and projector on a blank image, as LLaVA does, so that every
@@ -165,6 +168,22 @@ class LlavaTrainer(Trainer):
         tower = llava.model.vision_tower
         blank = torch.zeros(1, 3, crop["height"], crop["width"], dtype=tower.dtype, device=tower.device)
         return torch.cat(llava.model.get_image_features(pixel_values=blank).pooler_output)
+
+
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Sequence positions whose next token is learned in at least one sample of the batch."""
+    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+
+
+def answer_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """The model's causal-LM loss, from logits computed at `answer_positions` only.
+
+    The answers are a few percent of a LLaVA sample's tokens (the system line, the questions and the image
+    tokens are not learned), so the LM head and the cross-entropy skip the rest: the same loss, a cheaper step.
+    """
+    targets = labels[:, 1:][:, answer_positions(labels)]
+    return ForCausalLMLoss(outputs.logits, None, outputs.logits.shape[-1], num_items_in_batch, IGNORE_INDEX,
+                           shift_labels=targets)
 
 
 def param_groups(model: nn.Module, weight_decay: float, vision_lr: float | None) -> list[dict]:
@@ -251,6 +270,7 @@ def _train(stage: str, config: PretrainConfig | FinetuneConfig, model: nn.Module
     trainer = LlavaTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=LlavaCollator(processor.tokenizer.pad_token_id),
         processing_class=processor, vision_lr=vision_lr, group_by_modality_length=data.group_by_modality_length,
+        compute_loss_func=answer_loss,
     )
     resume_from = resume_checkpoint(config.train, out / "checkpoints")
     start_step = TrainerState.load_from_json(f"{resume_from}/trainer_state.json").global_step if resume_from else 0

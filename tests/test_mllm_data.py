@@ -128,6 +128,85 @@ def test_templates_render_byte_for_byte(processor):
     assert prompt == "Be brief. USER: <image>\nWhat color is the star? ASSISTANT:"
 
 
+# LLaVA-1.5's own strings, written out from its documented conversation format (llava/conversation.py):
+# conv_vicuna_v1 (`--version v1` in LLaVA-1.5's finetune.sh) is system + sep, then per turn ROLE + ": " + text + sep
+# for USER and + sep2 for ASSISTANT, with roles USER / ASSISTANT, sep " ", sep2 "</s>" (EOS); an open assistant turn
+# is "ASSISTANT:". The <image> placeholder moves to the head of the first human turn (preprocess_multimodal:
+# "<image>\n" + the rest stripped). conv_llava_plain (pretraining) is "<image>" + caption + "\n".
+LLAVA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                   "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+MIX665K_ENTRY = {"id": "000000033471", "image": "images/3.png", "conversations": [
+    {"from": "human", "value": "What color is the star?\n<image>"},  # the placeholder at the end, as in 665k
+    {"from": "gpt", "value": "pink"},
+    {"from": "human", "value": "Where is the pink star?"},
+    {"from": "gpt", "value": "top left"},
+    {"from": "human", "value": "Is there a red circle?\nAnswer the question using a single word or phrase."},
+    {"from": "gpt", "value": "No"},
+]}
+ANSWERS = ["pink", "top left", "No"]
+
+
+def test_vicuna_v1_and_plain_render_llava_15_prompt_strings(processor, world, tmp_path):
+    tokenizer = processor.tokenizer
+    assert VICUNA_SYSTEM == LLAVA_V1_SYSTEM
+    (sample,), _ = read_llava_json(_write(tmp_path, [MIX665K_ENTRY]), world)
+    expected = (
+        f"{LLAVA_V1_SYSTEM} USER: <image>\nWhat color is the star? ASSISTANT: pink</s>"
+        "USER: Where is the pink star? ASSISTANT: top left</s>"
+        "USER: Is there a red circle?\nAnswer the question using a single word or phrase. ASSISTANT: No</s>"
+    )
+    assert render(chat_template("vicuna_v1", tokenizer), tokenizer, sample.messages).text == expected
+    # Inference asks with an open assistant turn, exactly LLaVA's prompt for the first question.
+    prompt = tokenizer.apply_chat_template(sample.messages[:1], chat_template=vicuna_v1(), tokenize=False,
+                                           add_generation_prompt=True)
+    assert prompt == f"{LLAVA_V1_SYSTEM} USER: <image>\nWhat color is the star? ASSISTANT:"
+    # plain: the image, the caption and "\n"; the human's words are dropped.
+    caption = [{"role": "user", "content": "<image>\nDescribe the image briefly."},
+               {"role": "assistant", "content": "a pink star at the top left"}]
+    assert render(PLAIN, tokenizer, caption).text == "<image>a pink star at the top left\n"
+
+
+def test_vicuna_v1_learns_only_the_answers_and_their_eos(processor, world, tmp_path):
+    """As LLaVA's preprocess_v1 masks: BOS, the system line and every "USER: ... ASSISTANT:" are ignored."""
+    tokenizer = processor.tokenizer
+    (sample,), _ = read_llava_json(_write(tmp_path, [MIX665K_ENTRY]), world)
+    item = LlavaDataset([sample], processor, vicuna_v1(), max_length=512)[0]
+    assert _learned_runs(item, tokenizer) == [f" {answer}</s>" for answer in ANSWERS]
+    ids, labels = item["input_ids"].tolist(), item["labels"].tolist()
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    masked = [token for token, label in zip(ids, labels, strict=True) if label == IGNORE_INDEX]
+    assert masked[0] == tokenizer.bos_token_id and masked.count(image_id) == image_token_count(processor)
+    prompt_text = tokenizer.decode([t for t in masked if t != image_id], skip_special_tokens=False)
+    assert prompt_text.replace(" ", "") == (
+        f"<s>{LLAVA_V1_SYSTEM} USER: \nWhat color is the star? ASSISTANT:USER: Where is the pink star? ASSISTANT:"
+        "USER: Is there a red circle?\nAnswer the question using a single word or phrase. ASSISTANT:"
+    ).replace(" ", "")
+    assert labels[-1] == tokenizer.eos_token_id  # the last answer's </s> is learned: the model learns to stop
+
+
+def test_placeholder_anywhere_text_only_and_missing_images_in_665k_form(processor, world, tmp_path):
+    middle = {"id": "mid", "image": "images/0.png", "conversations": [
+        {"from": "human", "value": "Look at <image> and say: what color?"}, {"from": "gpt", "value": "red"}]}
+    text_only = {"id": "text", "conversations": [
+        {"from": "human", "value": "How many sides does a square have?"}, {"from": "gpt", "value": "4"},
+        {"from": "human", "value": "And a triangle?"}, {"from": "gpt", "value": "3"}]}
+    lost = dict(MIX665K_ENTRY, id="lost", image="images/absent.png")
+    samples, skipped = read_llava_json(_write(tmp_path, [middle, lost, text_only]), world)
+    assert [s.id for s in samples] == ["mid", "text"] and skipped == {"missing image": 1}
+    template = chat_template("vicuna_v1", processor.tokenizer)
+    # LLaVA strips the placeholder out and puts "<image>\n" first (the double space is LLaVA's too).
+    assert render(template, processor.tokenizer, samples[0].messages).text == (
+        f"{LLAVA_V1_SYSTEM} USER: <image>\nLook at  and say: what color? ASSISTANT: red</s>")
+    assert render(template, processor.tokenizer, samples[1].messages).text == (
+        f"{LLAVA_V1_SYSTEM} USER: How many sides does a square have? ASSISTANT: 4</s>"
+        "USER: And a triangle? ASSISTANT: 3</s>")
+    dataset = LlavaDataset(samples, processor, template, max_length=512)
+    with_image, without = dataset[0], dataset[1]
+    assert "pixel_values" in with_image and "pixel_values" not in without
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") not in without["input_ids"].tolist()
+    assert _learned_runs(without, processor.tokenizer) == [" 4</s>", " 3</s>"]
+
+
 def test_template_choice_errors(processor):
     with pytest.raises(InputError, match="unknown template 'chatml'"):
         chat_template("chatml", processor.tokenizer)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,7 +32,19 @@ from mllm import cli
 from mllm.builder import BuildSettings, build_llava, save_llava
 from mllm.export import ExportConfig, ask, export
 from mllm.templates import vicuna_v1
-from mllm.train import FinetuneConfig, PretrainConfig, finetune, param_groups, pretrain
+from mllm.data import IGNORE_INDEX, LlavaCollator, LlavaDataset, read_llava_json
+from mllm.train import (
+    FinetuneConfig,
+    FinetuneTrainSettings,
+    LlavaTrainer,
+    PretrainConfig,
+    _arguments,
+    answer_loss,
+    answer_positions,
+    finetune,
+    param_groups,
+    pretrain,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -113,6 +128,34 @@ def test_param_groups_give_the_tower_its_own_rate(parts):
         assert len(in_tower) == 1 and (group.get("lr") == 1e-5) == in_tower.pop()
         assert group["weight_decay"] == (0.1 if group["params"][0].ndim >= 2 else 0.0)
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_training_loss_is_the_models_own_with_logits_only_at_the_answers(parts, tmp_path):
+    """The LM head runs only where a next token is learned; loss and gradients are the model's own."""
+    model, processor = build_llava(_settings(parts))
+    samples, _ = read_llava_json(parts["world"] / "finetune.json", parts["world"])
+    dataset = LlavaDataset(samples[:3], processor, vicuna_v1(), max_length=512)
+    batch = LlavaCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(3)])
+    labels = batch["labels"]
+    expected = answer_positions(labels)
+    assert set(expected.tolist()) == {p for p in range(labels.shape[1] - 1) if (labels[:, p + 1] != IGNORE_INDEX).any()}
+    assert len(expected) < labels.shape[1] / 2
+
+    reference = model(**{k: v for k, v in batch.items() if k != "truncated"})
+    reference.loss.backward()
+    reference_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    trainer = LlavaTrainer(model=model, args=_arguments(FinetuneTrainSettings(), tmp_path, 1.0), train_dataset=dataset,
+                           data_collator=LlavaCollator(processor.tokenizer.pad_token_id), processing_class=processor,
+                           compute_loss_func=answer_loss)
+    loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
+    assert outputs.logits.shape[:2] == (3, len(expected))  # not one row per token
+    assert torch.allclose(loss, reference.loss, atol=1e-6)
+    loss.backward()
+    for name, grad in reference_grads.items():
+        assert torch.allclose(model.get_parameter(name).grad, grad, atol=1e-6), name
+    assert trainer.truncated == 0
 
 
 def _pretrain(parts, out: Path, *overrides: str) -> dict:
@@ -242,6 +285,17 @@ def test_training_input_errors(parts, tmp_path):
         (tmp_path / "adapter").mkdir()
         (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/gone"}))
         export(ExportConfig(model=tmp_path / "adapter", out_dir=tmp_path / "out", image=None))
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_mllm_cli_lets_idle_openmp_threads_sleep_unless_told_otherwise(given, expected):
+    """Set before torch loads OpenMP, which reads it once; a policy in the environment is kept."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import os, sys, mllm.cli; print('torch' in sys.modules, os.environ.get('OMP_WAIT_POLICY'))"
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", expected]
 
 
 def test_cli_prints_configs_and_one_line_errors(tmp_path, capsys):
