@@ -18,7 +18,6 @@ from mllm.builder import BuildSettings, build_llava
 from mllm.oracle import FEATURES, OracleConfig, build_oracle, oracle_image, scene_codes
 from mllm.probe import (
     ProbeConfig,
-    cell_features,
     cell_pooling,
     majority_floor,
     probe,
