@@ -22,6 +22,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset, Sampler
 from transformers import LlavaProcessor
 
+from llm2clip.data.records import describe_counts
 from llm2clip.errors import InputError
 from mllm.builder import IMAGE_TOKEN, image_token_count
 from mllm.templates import render
@@ -59,7 +60,7 @@ def read_llava_json(path: Path, image_folder: Path, max_samples: int | None = No
         else:
             samples.append(sample)
     if not samples:
-        raise InputError(f"{path}: no usable samples ({_counts(skipped)} skipped)")
+        raise InputError(f"{path}: no usable samples ({describe_counts(skipped)} skipped)")
     return samples, skipped
 
 
@@ -98,10 +99,6 @@ def _sample(entry: object, where: str, image_folder: Path) -> Sample:
             raise InputError(f"{where} has an image and {problem} {IMAGE_TOKEN} placeholders; it needs exactly one")
     length = sum(len(turn["value"].split()) for turn in turns)
     return Sample(str(entry.get("id", where)), image_folder / image if image else None, messages, length)
-
-
-def _counts(counter: Counter) -> str:
-    return ", ".join(f"{n} {reason}" for reason, n in counter.items()) or "none"
 
 
 class LlavaDataset(Dataset):

@@ -27,6 +27,7 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor, Trainer,
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from llm2clip.config import config_to_dict
+from llm2clip.data.records import describe_counts
 from llm2clip.errors import InputError
 from llm2clip.fileio import atomic_write_json, replace_dir
 from llm2clip.rerun import finished_run, total_runtime
@@ -264,7 +265,7 @@ def _train(stage: str, config: PretrainConfig | FinetuneConfig, model: nn.Module
     dataset = LlavaDataset(samples, processor, template, data.model_max_length)
     sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]  # ZeRO-3: full sizes
     trainable, total = sum(n for n, grad in sizes if grad), sum(n for n, _ in sizes)
-    say(f"mllm {stage}: {len(dataset)} samples ({sum(dataset.has_image)} with an image), skipped {_counts(skipped)}; "
+    say(f"mllm {stage}: {len(dataset)} samples ({sum(dataset.has_image)} with an image), skipped {describe_counts(skipped, 'nothing')}; "
         f"template {data.template}; {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters trainable")
 
     trainer = LlavaTrainer(
@@ -309,10 +310,6 @@ def _train(stage: str, config: PretrainConfig | FinetuneConfig, model: nn.Module
     say(f"mllm {stage}: {report['steps']} steps ({steps} this run, {report['samples_per_s']} samples/s), "
         f"loss {losses}, {truncated} truncated; wrote {final} and {out / REPORT}")
     return report
-
-
-def _counts(skipped) -> str:
-    return ", ".join(f"{n} {reason}" for reason, n in skipped.items()) or "nothing"
 
 
 def _save_final(trainer: Trainer, final: Path) -> None:

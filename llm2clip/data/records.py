@@ -23,7 +23,7 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +81,11 @@ class ImageText:
     long_captions_fr: list[str] = field(default_factory=list)  # long_captions_fr[i] renders long_captions[i]
     qa: list[dict] = field(default_factory=list)  # {"question", "answer", "type"}
     id: str = ""
+
+
+def describe_counts(counts: Mapping[str, int], empty: str = "none") -> str:
+    """Counts by reason as one phrase ("3 empty captions, 1 missing image"), or `empty` when there are none."""
+    return ", ".join(f"{n} {reason}" for reason, n in counts.items()) or empty
 
 
 def load_image_texts(path: str | Path, split: str | None = "train", image_root: str | Path | None = None,

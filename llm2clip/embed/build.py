@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from llm2clip.data.records import load_image_texts
+from llm2clip.data.records import describe_counts, load_image_texts
 from llm2clip.embed.cache import (
     FORMAT, KINDS, MANIFEST, EmbeddingCache, cache_files, caption_table, check_kinds, read_manifest, shard_done,
     shard_name, weight_hash, write_rows,
@@ -94,7 +94,7 @@ def _build(config: EmbedConfig) -> Path:
         say(f"embed: {out} already holds the complete cache of this encoder and dataset ({len(table.texts)} rows); "
             "nothing to do")
         return out
-    entries = ", ".join(f"{n} {reason}" for reason, n in skipped_entries.items()) or "none"
+    entries = describe_counts(skipped_entries)
     say(f"embed: skipped {table.skipped_empty} empty caption(s); {table.images_without_captions} of {len(records)} "
         f"image(s) have no caption of kinds {', '.join(request['kinds'])}; entries of {config.data} left out: "
         f"{entries}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from llm2clip.data.records import describe_counts
 from llm2clip.fileio import atomic_write_json, atomic_write_text
 
 # Table columns per task: (metric key in report.json, column header). The JSON has R@5 and R@10 too.
@@ -46,7 +47,7 @@ def markdown(report: dict) -> str:
     if skipped["count"]:
         lines.append(f"- skipped {skipped['count']} unreadable image(s), e.g. {skipped['reasons'][0]}")
     if report.get("skipped_entries"):
-        entries = ", ".join(f"{n} {reason}" for reason, n in report["skipped_entries"].items())
+        entries = describe_counts(report["skipped_entries"])
         lines.append(f"- left out entries of the data: {entries}")
     return "\n".join(lines) + "\n"
 

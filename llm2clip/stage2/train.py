@@ -46,7 +46,7 @@ from transformers import (
 from llm2clip.clip import LLM2CLIPConfig, LLM2CLIPModel, export_vision_tower
 from llm2clip.clip.modeling_llm2clip import clip_image_processor
 from llm2clip.config import config_to_dict
-from llm2clip.data.records import ImageText, load_image_texts
+from llm2clip.data.records import ImageText, describe_counts, load_image_texts
 from llm2clip.embed.cache import EmbeddingCache
 from llm2clip.embed.whitening import fit_whitening
 from llm2clip.errors import InputError
@@ -227,7 +227,7 @@ def train_stage2(config: Stage2Config) -> dict:
         captions = CacheRows(cache) if cache is not None else RecordTexts(records)
         dataset, dataset_skips, examples = image_caption_dataset(records, captions, mix, seed=config.train.seed)
         skips.update(dataset_skips)
-        say(f"stage2: {len(dataset)} of {len(records)} images usable; skipped {_counts(skips)}")
+        say(f"stage2: {len(dataset)} of {len(records)} images usable; skipped {describe_counts(skips, 'nothing')}")
         for reason, example in examples.items():
             say(f"  e.g. {reason}: {example}")
 
@@ -294,7 +294,7 @@ def train_stage2(config: Stage2Config) -> dict:
     atomic_write_json(out / "train_report.json", report)
     losses = f"{curve[0]['loss']:.4f} -> {curve[-1]['loss']:.4f}" if curve else "not logged"
     say(f"stage2: {report['steps']} steps ({steps} this run, {report['samples_per_s']} samples/s), loss {losses}, "
-        f"logit scale {report['logit_scale']}; skipped {_counts(skips)}")
+        f"logit scale {report['logit_scale']}; skipped {describe_counts(skips, 'nothing')}")
     say(f"stage2: wrote {final}, {out / 'vision_tower'} and {out / 'train_report.json'}")
     return report
 
@@ -314,10 +314,6 @@ def _check(config: Stage2Config) -> None:
             raise InputError(f"vision.pretrained {pretrained}: no config.json; expected a local Hugging Face CLIP "
                              "checkpoint directory")
         require_weights(pretrained)
-
-
-def _counts(skips: Counter[str]) -> str:
-    return ", ".join(f"{n} {reason}" for reason, n in skips.items()) or "nothing"
 
 
 def _records(config: Stage2Config, skipped: Counter[str]) -> list[ImageText]:

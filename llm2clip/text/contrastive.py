@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import Trainer, set_seed
 
 from llm2clip.config import config_to_dict
-from llm2clip.data.records import ImageText, load_image_texts, read_corpus
+from llm2clip.data.records import ImageText, describe_counts, load_image_texts, read_corpus
 from llm2clip.errors import InputError
 from llm2clip.fileio import atomic_write_json
 from llm2clip.losses import CaptionContrastiveLoss
@@ -246,7 +246,7 @@ def train_contrastive(config: ContrastiveConfig) -> dict:
         return finished
     skipped: Counter[str] = Counter()
     pairs = training_pairs(config, skipped)
-    left_out = ", ".join(f"{n} {reason}" for reason, n in skipped.items()) or "none"
+    left_out = describe_counts(skipped)
     mix = ", ".join(f"{kind} {count}" for kind, count in pairs.counts.items())
     print(f"caption contrastive: pairs per epoch {mix}, plain {len(pairs.sentences)}; "
           f"entries of {config.data} left out: {left_out}")
