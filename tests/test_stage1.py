@@ -328,6 +328,20 @@ def test_the_same_seed_gives_the_same_weights(tmp_path, causal_lm_dir, encoder_d
     assert [name for name in first if not torch.equal(first[name], second[name])] == []
 
 
+def test_full_tuning_trains_every_weight_and_writes_only_the_merged_encoder(tmp_path, encoder_dir, small_world):
+    out = tmp_path / "full"
+    config = ContrastiveConfig(model=encoder_dir, data=small_world, corpus=small_world / "corpus.txt", tune="full",
+                               out_dir=out, max_length=48, train=tiny_train())
+    train_contrastive(config)
+    assert not (out / "adapter").exists()
+    before, after = load_file(encoder_dir / "model.safetensors"), load_file(out / "merged" / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert [name for name in before if torch.equal(before[name], after[name])] == []
+    assert train_contrastive(config)["steps"] == 2  # finished: a rerun is a no-op
+    with pytest.raises(InputError, match="tune must be one of lora, full"):
+        train_contrastive(ContrastiveConfig(model=encoder_dir, data=small_world, tune="qlora", out_dir=tmp_path / "x"))
+
+
 def test_train_contrastive_refuses_data_without_pairs(tmp_path, encoder_dir):
     data = tmp_path / "single.jsonl"
     data.write_text(json.dumps({"image": "x.png", "captions": ["only one caption"]}) + "\n")

@@ -70,6 +70,7 @@ class ContrastiveConfig:
     pooling_mode: str = "mean"
     max_length: int = 160  # truncation of training captions; the saved encoder keeps the model's own
     scale: float = 50.0  # logit scale, 1 / temperature
+    tune: str = "lora"  # lora (the paper's, on an 8B LLM) | full (every weight; only sensible for a small LLM)
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainSettings = field(
         default_factory=lambda: TrainSettings(max_steps=300, batch_size=32, learning_rate=1e-3, save_steps=100)
@@ -238,10 +239,15 @@ def training_pairs(config: ContrastiveConfig, skipped: Counter[str] | None = Non
     return CaptionPairs(records, counts, sentences, seed=config.train.seed)
 
 
+TUNES = ("lora", "full")
+
+
 def train_contrastive(config: ContrastiveConfig) -> dict:
+    if config.tune not in TUNES:
+        raise InputError(f"tune must be one of {', '.join(TUNES)}; got {config.tune!r}")
     out = Path(config.out_dir)
-    finished = finished_run("stage1 contrastive", out, out / REPORT, [out / "adapter", out / "merged"],
-                            config_to_dict(config))
+    outputs = [out / "adapter", out / "merged"] if config.tune == "lora" else [out / "merged"]
+    finished = finished_run("stage1 contrastive", out, out / REPORT, outputs, config_to_dict(config))
     if finished is not None:
         return finished
     skipped: Counter[str] = Counter()
@@ -253,11 +259,14 @@ def train_contrastive(config: ContrastiveConfig) -> dict:
     encoder = LLMEncoder.from_pretrained(config.model, pooling_mode=config.pooling_mode)
     set_seed(config.train.seed)  # the LoRA's random initialisation
     saved_max_length, encoder.max_length = encoder.max_length, config.max_length  # truncation while training only
-    encoder.model = get_peft_model(encoder.model, lora_config(config.lora))
-    encoder.model.peft_config["default"].base_model_name_or_path = str(config.model.resolve())
-    if config.train.gradient_checkpointing:
-        encoder.model.enable_input_require_grads()
-    encoder.model.print_trainable_parameters()
+    if config.tune == "lora":
+        encoder.model = get_peft_model(encoder.model, lora_config(config.lora))
+        encoder.model.peft_config["default"].base_model_name_or_path = str(config.model.resolve())
+        if config.train.gradient_checkpointing:
+            encoder.model.enable_input_require_grads()
+        encoder.model.print_trainable_parameters()
+    else:
+        print(f"trainable params: {sum(p.numel() for p in encoder.model.parameters()):,} (full fine-tuning)")
 
     checkpoint_dir = config.out_dir / "checkpoints"
     args = training_arguments(config.train, checkpoint_dir, remove_unused_columns=False, dataloader_drop_last=True)
@@ -273,7 +282,8 @@ def train_contrastive(config: ContrastiveConfig) -> dict:
     result = trainer.train(resume_from_checkpoint=resume_from)
 
     encoder.max_length = saved_max_length
-    encoder.save_pretrained(config.out_dir / "adapter", merge=False)
+    if config.tune == "lora":
+        encoder.save_pretrained(config.out_dir / "adapter", merge=False)
     encoder.save_pretrained(config.out_dir / "merged", merge=True)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     report = {
@@ -289,5 +299,5 @@ def train_contrastive(config: ContrastiveConfig) -> dict:
     }
     atomic_write_json(out / REPORT, report)
     print(f"caption contrastive: {report['steps']} steps, loss {report['first_loss']} -> {report['last_loss']}")
-    print(f"wrote {config.out_dir / 'adapter'} and {config.out_dir / 'merged'}")
+    print(f"wrote {' and '.join(str(path) for path in outputs)}")
     return report
