@@ -14,13 +14,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPImageProcessor, CLIPVisionModel, PreTrainedModel
+from transformers import CLIPVisionModel, PreTrainedModel
 from transformers import initialization as init
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 from transformers.utils import ModelOutput
 from transformers.utils import logging as hf_logging
 
@@ -29,6 +29,9 @@ from llm2clip.errors import InputError
 from llm2clip.fileio import atomic_dir
 from llm2clip.losses import stage2_loss
 from llm2clip.weights import require_weights
+
+if TYPE_CHECKING:
+    from transformers import CLIPImageProcessor
 
 
 @dataclass
@@ -256,6 +259,9 @@ __all__ = ["LLM2CLIPModel", "LLM2CLIPOutput", "export_vision_tower"]
 
 def clip_image_processor(image_size: int, crop_size: int | None = None) -> CLIPImageProcessor:
     """CLIP's preprocessing: bicubic resize of the shortest side, centre crop, OpenAI CLIP mean/std."""
+    from transformers import CLIPImageProcessor  # imported here: it is slow, and `import llm2clip` loads this module
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+
     crop_size = image_size if crop_size is None else crop_size
     return CLIPImageProcessor(
         size={"shortest_edge": image_size},
