@@ -9,6 +9,10 @@
 - `bash scripts/test.sh` is what `.ci/run` runs; `bash scripts/lock_env.sh` (minutes, builds venvs) is
   syntax-checked and must be the generator named in the committed locks.
 A command of any other form fails the test until a check for it is added here.
+
+Every ```python block of README.md runs, in a fresh interpreter, in a directory laid out as the default run leaves
+`runs/` (tiny random models in place of the trained ones), after the README's `llm2clip encode` line has made its
+`captions.npy`.
 """
 
 from __future__ import annotations
@@ -22,8 +26,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from PIL import Image
 
 from llm2clip import cli as llm2clip_cli
+from llm2clip.clip import LLM2CLIPConfig, LLM2CLIPModel
+from llm2clip.clip.modeling_llm2clip import clip_image_processor
 from mllm import cli as mllm_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +86,24 @@ def _config_commands() -> list[tuple[str, str]]:
     return found
 
 
+def _readme_python_blocks() -> list[tuple[str, str]]:
+    """(where, code) for each ```python block of README.md."""
+    blocks, code, start, language = [], None, 0, ""
+    for number, line in enumerate((ROOT / "README.md").read_text().splitlines(), 1):
+        fence = FENCE.match(line)
+        if fence and code is None:
+            code, start, language = [], number, fence.group(1)
+        elif fence:
+            if language == "python":
+                blocks.append((f"README.md:{start}", "\n".join(code)))
+            code = None
+        elif code is not None:
+            code.append(line)
+    return blocks
+
+
 DOCUMENTED = _readme_commands() + _config_commands()
+PYTHON_BLOCKS = _readme_python_blocks()
 
 
 def test_the_docs_show_commands():
@@ -170,3 +195,37 @@ def _run_script_on_stub_venv(where: str, command: str, script: str, env: dict[st
     assert done.returncode == 0, f"{where}: `{command}` failed on the stub venv:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
     calls = [line for line in log.read_text().splitlines() if " -c " not in f" {line} "]
     assert calls, f"{where}: `{command}` ran no step"
+
+
+def test_the_readme_shows_python():
+    assert PYTHON_BLOCKS, "README.md has no ```python block"
+
+
+@pytest.mark.parametrize(("where", "code"), PYTHON_BLOCKS, ids=[where for where, _ in PYTHON_BLOCKS])
+def test_readme_python_block_runs(where, code, tmp_path, encoder_dir, monkeypatch, capsys):
+    """The block runs as written, in a fresh interpreter, from a directory holding what it reads."""
+    runs = tmp_path / "runs"
+    (runs / "stage1" / "contrastive").mkdir(parents=True)
+    (runs / "stage1" / "contrastive" / "merged").symlink_to(encoder_dir)
+    torch.manual_seed(0)
+    model = LLM2CLIPModel(LLM2CLIPConfig(
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "image_size": 32, "patch_size": 8},
+        text_embed_dim=32, adapter_hidden_dim=32, projection_dim=16, text_encoder_name_or_path=str(encoder_dir)))
+    model.save_pretrained(runs / "stage2" / "llm2clip" / "final")  # what stage 2 writes: model and processor
+    clip_image_processor(32).save_pretrained(runs / "stage2" / "llm2clip" / "final")
+    (runs / "world" / "images" / "test").mkdir(parents=True)
+    for i, colour in enumerate(["red", "blue", "green"]):
+        Image.new("RGB", (48, 40), colour).save(runs / "world" / "images" / "test" / f"test-{i:05d}.png")
+    captions = ["a red square", "a large blue square", "a green square on a dark background", "a yellow circle"]
+    (tmp_path / "captions.txt").write_text("\n".join(captions) + "\n")
+    encode = [c for w, c in DOCUMENTED if w.startswith("README.md") and c.startswith("llm2clip encode --model runs/")]
+    assert encode, "README.md shows no `llm2clip encode --model runs/...` line to make the block's captions.npy"
+    monkeypatch.chdir(tmp_path)
+    assert llm2clip_cli.main(_split(encode[0])[1][1:]) == 0, capsys.readouterr().err
+
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, f"{where}: the block fails:\n{done.stderr[-3000:]}"
+    best = done.stdout.strip().splitlines()[-1]  # the block ends by printing each image's best caption
+    assert re.fullmatch(r"\[\d, \d, \d\]", best) and all(int(i) < len(captions) for i in best[1:-1].split(", ")), best
