@@ -38,7 +38,6 @@ import torch
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from torch import nn
 from transformers import AutoModel, LlamaConfig
-from transformers.utils import logging as hf_logging
 
 from llm2clip.data.synth import SynthConfig, sample_split
 from llm2clip.data.vocabulary import long_caption, short_captions
@@ -184,7 +183,6 @@ def main() -> None:
     if args.image_size < vision.patch_size or args.image_size % vision.patch_size:
         parser.error(f"--image-size must be a multiple of the patch size {vision.patch_size}")
     torch.set_num_threads(args.threads)
-    hf_logging.set_verbosity_error()  # the encoder's load report (its unused lm_head) is noise here
     vision.image_size = args.image_size
     config.train.batch_size = args.batch
 
