@@ -32,6 +32,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaFo
 from llm2clip.clip.modeling_llm2clip import clip_image_processor
 from llm2clip.data.records import read_corpus
 from llm2clip.data.synth import SynthConfig, generate_world
+from llm2clip.logs import setup_logging
 from llm2clip.text.tokenizer_training import save_tokenizer, train_tokenizer
 from mllm.builder import BuildSettings, build_llava
 from mllm.data import IGNORE_INDEX, LlavaCollator, LlavaDataset, read_llava_json
@@ -83,6 +84,7 @@ POLICIES = {"PASSIVE": "PASSIVE", "default": None}  # None: OMP_WAIT_POLICY unse
 
 def worker(connection, batch_size: int, threads: int) -> None:
     """Builds the model and batch, then times a step of the kind it is sent, until it is sent None."""
+    setup_logging()  # a fresh (spawned) process: no expected library warnings between the reports
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         model, batch = build(Path(tmp), batch_size)
