@@ -299,8 +299,7 @@ def _load_base(name: str | Path | None, dtype: torch.dtype, device: torch.device
         raise InputError(f"cannot load the model weights '{name}' (from {source}): {err}") from err
     # A causal LM's checkpoint holds an LM head that the encoder, a base model, does not use: expected.
     unexpected = [key for key in info["unexpected_keys"] if not key.startswith("lm_head.")]
-    for kind, keys in (("missing", info["missing_keys"]), ("unexpected", unexpected),
-                       ("mismatched", info["mismatched_keys"])):
+    for kind, keys in (("missing", info["missing_keys"]), ("unexpected", unexpected)):  # mismatched ones raise
         if keys:
             warnings.warn(f"{name}: {len(keys)} {kind} weight(s) when loading the encoder, such as {sorted(keys)[0]}",
                           stacklevel=3)
