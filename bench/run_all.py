@@ -12,15 +12,18 @@ gets a row saying why, and the others still run.
 from __future__ import annotations
 
 import argparse
+import os
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the benches and `mllm` do; read once, when torch loads
 
-from llm2clip.fileio import atomic_write_text
-from llm2clip.logs import setup_logging
-from table import Note, Ratio, format_table
+import torch  # noqa: E402 (after the OpenMP policy)
+
+from llm2clip.fileio import atomic_write_text  # noqa: E402
+from llm2clip.logs import setup_logging  # noqa: E402
+from table import Note, Ratio, format_table  # noqa: E402
 
 # (bench, its arguments for a full run, for a --quick run)
 CPU_BENCHES = {
