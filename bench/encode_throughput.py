@@ -27,6 +27,7 @@ from transformers import AutoModel, LlamaConfig
 
 from llm2clip.text.encoder import LLMEncoder
 from llm2clip.text.tokenizer_training import train_tokenizer
+from table import Ratio
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = "red blue green yellow crimson purple orange black white grey".split()
@@ -79,7 +80,8 @@ def time_llm2vec(python: str, model: Path, texts: list[str], args: argparse.Name
     return json.loads((work / "results.json").read_text())[1]["seconds"], np.load(work / "llm2vec.npy")
 
 
-def main() -> None:
+def run(argv: list[str] | None = None) -> list[Ratio]:
+    """Runs the bench as its command line `argv` says, prints its report and returns its ratio."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="encoder directory (default: build a tiny-LLM-sized Llama)")
     parser.add_argument("--captions", type=int, default=2000)
@@ -89,7 +91,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--pooling", default="mean")
     parser.add_argument("--repeats", type=int, default=3, help="alternating timed runs per side; the best counts")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     python = subprocess.run(["bash", str(ROOT / "scripts" / "setup_parity_venv.sh")], check=True,
                             capture_output=True, text=True).stdout.strip().splitlines()[-1]
@@ -114,7 +116,9 @@ def main() -> None:
         print(f"{name:38s} {len(texts) / min(runs):8.1f} captions/s  (runs: {', '.join(f'{t:.2f}' for t in runs)} s)")
     print(f"ratio ours/llm2vec: {min(theirs) / min(ours):.2f}x; max abs diff of embeddings: "
           f"{np.abs(ours_embeddings - theirs_embeddings).max():.2e}")
+    return [Ratio("caption encoding, tiny Llama (CPU)", "LLMEncoder / llm2vec 0.2.3", len(texts) / min(ours),
+                  len(texts) / min(theirs), "captions/s")]
 
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -32,11 +32,13 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaFo
 from llm2clip.clip.modeling_llm2clip import clip_image_processor
 from llm2clip.data.records import read_corpus
 from llm2clip.data.synth import SynthConfig, generate_world
+from llm2clip.logs import setup_logging
 from llm2clip.text.tokenizer_training import save_tokenizer, train_tokenizer
 from mllm.builder import BuildSettings, build_llava
 from mllm.data import IGNORE_INDEX, LlavaCollator, LlavaDataset, read_llava_json
 from mllm.templates import vicuna_v1
 from mllm.train import answer_loss, answer_positions
+from table import Ratio
 
 
 def build(root: Path, batch_size: int):
@@ -82,6 +84,7 @@ POLICIES = {"PASSIVE": "PASSIVE", "default": None}  # None: OMP_WAIT_POLICY unse
 
 def worker(connection, batch_size: int, threads: int) -> None:
     """Builds the model and batch, then times a step of the kind it is sent, until it is sent None."""
+    setup_logging()  # a fresh (spawned) process: no expected library warnings between the reports
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         model, batch = build(Path(tmp), batch_size)
@@ -108,12 +111,13 @@ def start_worker(policy: str | None, args: argparse.Namespace):
     return process, parent
 
 
-def main() -> None:
+def run(argv: list[str] | None = None) -> list[Ratio]:
+    """Runs the bench as its command line `argv` says, prints its report and returns its ratios."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     workers = {name: start_worker(policy, args) for name, policy in POLICIES.items()}
     info = {name: connection.recv() for name, (_, connection) in workers.items()}
     times = {(policy, step): [] for policy in POLICIES for step in STEPS}
@@ -141,7 +145,12 @@ def main() -> None:
     print(f"before / after (default and every token / PASSIVE and answers only): {before / after:.2f}x")
     differences = [abs(i["losses"]["every token"] - i["losses"]["answers only"]) for i in info.values()]
     print(f"largest loss difference between the two steps: {max(differences):.2e}")
+    bench = f"LLaVA finetune step, batch {args.batch} (CPU)"
+    return [Ratio(bench, "every-token logits / answers only (PASSIVE)", median["PASSIVE", "every token"],
+                  median["PASSIVE", "answers only"], "s/step"),
+            Ratio(bench, "OpenMP default / PASSIVE (answers only)", median["default", "answers only"], after, "s/step"),
+            Ratio(bench, "before / after", before, after, "s/step")]
 
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -38,7 +38,6 @@ import torch
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from torch import nn
 from transformers import AutoModel, LlamaConfig
-from transformers.utils import logging as hf_logging
 
 from llm2clip.data.synth import SynthConfig, sample_split
 from llm2clip.data.vocabulary import long_caption, short_captions
@@ -47,6 +46,7 @@ from llm2clip.stage2.train import ClampLogitScale, Stage2Config, Stage2Trainer, 
 from llm2clip.text.encoder import LLMEncoder
 from llm2clip.text.tokenizer_training import train_tokenizer
 from llm2clip.training import training_arguments
+from table import Ratio
 
 ROOT = Path(__file__).resolve().parents[1]
 ENCODERS = [ROOT / "runs/stage1/contrastive/merged", ROOT / "runs/tiny-llm"]
@@ -165,7 +165,8 @@ def time_rounds(steps: dict[str, Step], args: argparse.Namespace, batch: int) ->
     return rates
 
 
-def main() -> None:
+def run(argv: list[str] | None = None) -> list[Ratio]:
+    """Runs the bench as its command line `argv` says, prints its report and returns its ratios."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     config = Stage2Config()
     parser.add_argument("--batch", type=int, default=config.train.batch_size)
@@ -177,14 +178,13 @@ def main() -> None:
                         "runs/stage1/contrastive/merged, else runs/tiny-llm, else a random tiny Llama)")
     parser.add_argument("--image-size", type=int, default=config.vision.image_size)
     parser.add_argument("--text-layers", type=int, default=CLIPTextCfg.layers, help="open_clip's text tower depth")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if min(args.batch, args.steps, args.rounds, args.threads, args.text_layers) < 1 or args.warmup < 0:
         parser.error("--batch, --steps, --rounds, --threads and --text-layers must be at least 1, --warmup 0 or more")
     vision = config.vision
     if args.image_size < vision.patch_size or args.image_size % vision.patch_size:
         parser.error(f"--image-size must be a multiple of the patch size {vision.patch_size}")
     torch.set_num_threads(args.threads)
-    hf_logging.set_verbosity_error()  # the encoder's load report (its unused lm_head) is noise here
     vision.image_size = args.image_size
     config.train.batch_size = args.batch
 
@@ -236,7 +236,10 @@ def main() -> None:
     cache, online_rate, theirs = medians.values()
     print(f"\nratio ours-cache / open_clip:   {cache / theirs:.2f}x")
     print(f"ratio ours-cache / ours-online: {cache / online_rate:.2f}x")
+    bench = f"stage-2 step, {vision.num_layers}-layer ViT, batch {args.batch} (CPU)"
+    return [Ratio(bench, "ours (cache) / open_clip", cache, theirs, "samples/s"),
+            Ratio(bench, "ours (cache) / ours (LLM online)", cache, online_rate, "samples/s")]
 
 
 if __name__ == "__main__":
-    main()
+    run()

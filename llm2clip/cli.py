@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from llm2clip.config import ConfigError, config_keys, dump_config, load_config
 from llm2clip.errors import InputError
+from llm2clip.logs import setup_logging
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
 
@@ -269,6 +270,7 @@ def main(argv: list[str] | None = None, commands: tuple[Command, ...] = COMMANDS
     if args.print_config:
         print(dump_config(config), end="")
         return 0
+    setup_logging()
     try:
         if getattr(args, "dry_run", False):
             from llm2clip.dryrun import report

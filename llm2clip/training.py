@@ -14,6 +14,7 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
 from llm2clip.errors import InputError
+from llm2clip.logs import progress_bars
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ def training_arguments(train: TrainSettings, checkpoint_dir: Path, **overrides) 
         deepspeed=train.deepspeed,
         dataloader_num_workers=train.dataloader_workers,
         report_to="none",
+        disable_tqdm=not progress_bars(),  # off a terminal: one log line per logging_steps, no bar frames
         # Without use_cpu, torchrun on a CPU machine starts unlinked copies that all act as rank 0.
         use_cpu=not torch.cuda.is_available(),
         dataloader_pin_memory=torch.cuda.is_available(),

@@ -22,6 +22,7 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from llm2clip.errors import InputError
 from llm2clip.fileio import atomic_dir
+from llm2clip.logs import transformers_errors_only
 from llm2clip.weights import require_weights
 from mllm.backbones import language_backbone, vision_backbone
 from mllm.templates import vicuna_v1
@@ -48,7 +49,8 @@ def build_llava(settings: BuildSettings) -> tuple[LlavaForConditionalGeneration,
     tokenizer, lm = language.tokenizer, language.model
     _add_tokens(tokenizer)
     if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
-        lm.resize_token_embeddings(len(tokenizer))
+        with transformers_errors_only():  # its note that new rows start at the old rows' mean: as intended
+            lm.resize_token_embeddings(len(tokenizer))
     lm.config.pad_token_id = tokenizer.pad_token_id
 
     layers = vision.model.config.num_hidden_layers

@@ -150,8 +150,9 @@ class LlavaDataset(Dataset):
         """Token ids with each `<image>` expanded as the processor does, and their labels."""
         rendered = render(self.chat_template, self.tokenizer, messages)
         bos = self.tokenizer.bos_token
-        # The tokenizer adds its special tokens (BOS) unless the template wrote them itself.
-        encoding = self.tokenizer(rendered.text, return_offsets_mapping=True,
+        # The tokenizer adds its special tokens (BOS) unless the template wrote them itself. verbose=False: a
+        # sample longer than the model is truncated and counted by __getitem__, not an "indexing error".
+        encoding = self.tokenizer(rendered.text, return_offsets_mapping=True, verbose=False,
                                   add_special_tokens=not (bos and rendered.text.startswith(bos)))
         input_ids, labels = [], []
         for token, (start, end) in zip(encoding.input_ids, encoding.offset_mapping, strict=True):

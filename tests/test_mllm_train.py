@@ -293,9 +293,23 @@ def test_mllm_cli_lets_idle_openmp_threads_sleep_unless_told_otherwise(given, ex
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     if given is not None:
         env["OMP_WAIT_POLICY"] = given
-    code = "import os, sys, mllm.cli; print('torch' in sys.modules, os.environ.get('OMP_WAIT_POLICY'))"
-    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
-    assert result.stdout.split() == ["False", expected]
+    result = subprocess.run([sys.executable, "-c", POLICY_WHEN_TORCH_LOADS], env=env, cwd=ROOT, capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.split() == [expected, expected]
+
+
+# Prints OMP_WAIT_POLICY as it is when `import mllm.cli` first imports torch (`import llm2clip` does), then after.
+POLICY_WHEN_TORCH_LOADS = """
+import importlib.abc, os, sys
+seen = []
+class Watch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "torch" and not seen:
+            seen.append(os.environ.get("OMP_WAIT_POLICY"))
+sys.meta_path.insert(0, Watch())
+import mllm.cli
+print(seen[0] if seen else "torch-not-loaded", os.environ.get("OMP_WAIT_POLICY"))
+"""
 
 
 def test_cli_prints_configs_and_one_line_errors(tmp_path, capsys):

@@ -10,25 +10,26 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPImageProcessor, CLIPVisionModel, PreTrainedModel
+from transformers import CLIPVisionModel, PreTrainedModel
 from transformers import initialization as init
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 from transformers.utils import ModelOutput
-from transformers.utils import logging as hf_logging
 
 from llm2clip.clip.configuration_llm2clip import LLM2CLIPConfig
 from llm2clip.errors import InputError
 from llm2clip.fileio import atomic_dir
+from llm2clip.logs import transformers_errors_only
 from llm2clip.losses import stage2_loss
 from llm2clip.weights import require_weights
+
+if TYPE_CHECKING:
+    from transformers import CLIPImageProcessor
 
 
 @dataclass
@@ -136,7 +137,7 @@ class LLM2CLIPModel(PreTrainedModel):
             raise InputError(f"{clip_dir}: model_type is {model_type!r}, expected a CLIP checkpoint "
                              "('clip' or 'clip_vision_model')")
         require_weights(clip_dir)
-        with _errors_only():  # a CLIPModel's text tower would be listed as unexpected keys
+        with transformers_errors_only():  # a CLIPModel's text tower would be listed as unexpected keys
             tower, info = CLIPVisionModel.from_pretrained(clip_dir, dtype=torch.float32, output_loading_info=True)
         if info["missing_keys"]:
             raise InputError(f"{clip_dir}: the checkpoint lacks vision tower weights {sorted(info['missing_keys'])[:5]}")
@@ -240,22 +241,14 @@ def export_vision_tower(model: LLM2CLIPModel, out_dir: str | os.PathLike, image_
     return out_dir
 
 
-@contextmanager
-def _errors_only() -> Iterator[None]:
-    """Silence transformers' warnings (such as load reports) for the duration of the block."""
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-
-
 __all__ = ["LLM2CLIPModel", "LLM2CLIPOutput", "export_vision_tower"]
 
 
 def clip_image_processor(image_size: int, crop_size: int | None = None) -> CLIPImageProcessor:
     """CLIP's preprocessing: bicubic resize of the shortest side, centre crop, OpenAI CLIP mean/std."""
+    from transformers import CLIPImageProcessor  # imported here: it is slow, and `import llm2clip` loads this module
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+
     crop_size = image_size if crop_size is None else crop_size
     return CLIPImageProcessor(
         size={"shortest_edge": image_size},

@@ -128,7 +128,7 @@ def _build(config: EmbedConfig) -> Path:
 
     start = time.perf_counter()
     mine = pending[rank::world]
-    with tqdm(total=sum(sizes[s] for s in mine), desc="embed", unit="row", disable=rank != 0) as bar:
+    with tqdm(total=sum(sizes[s] for s in mine), desc="embed", unit="row", disable=None if rank == 0 else True) as bar:
         for s in mine:
             texts = table.texts[s * config.shard_size : s * config.shard_size + sizes[s]]
             embeddings = encoder.encode(texts, batch_size=config.batch_size, show_progress=False).numpy()

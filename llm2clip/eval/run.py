@@ -143,7 +143,7 @@ def _encode_texts(tower: ImageTextTower, texts: list[str], cache: dict[str, torc
 
 def _encode_images(tower: ImageTextTower, paths: list[Path], batch_size: int) -> torch.Tensor:
     chunks = []
-    for start in tqdm(range(0, len(paths), batch_size), desc="images", unit="batch"):
+    for start in tqdm(range(0, len(paths), batch_size), desc="images", unit="batch", disable=None):
         batch = []
         for path in paths[start : start + batch_size]:
             with Image.open(path) as image:

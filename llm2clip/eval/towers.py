@@ -104,12 +104,13 @@ class CLIPTower(ImageTextTower):
 
     @torch.no_grad()
     def text_features(self, texts: list[str]) -> torch.Tensor:
-        lengths = [len(ids) for ids in self.tokenizer(texts)["input_ids"]]
+        # verbose=False: the tokenizer would warn of "indexing errors"; the batches below truncate, and we count.
+        lengths = [len(ids) for ids in self.tokenizer(texts, verbose=False)["input_ids"]]
         n_cut = sum(length > self.max_length for length in lengths)
         if n_cut:
             warnings.warn(f"{n_cut} of {len(texts)} texts were cut to CLIP's {self.max_length} tokens", stacklevel=3)
         chunks = []
-        for start in tqdm(range(0, len(texts), self.batch_size), desc="clip text", unit="batch"):
+        for start in tqdm(range(0, len(texts), self.batch_size), desc="clip text", unit="batch", disable=None):
             batch = self.tokenizer(texts[start : start + self.batch_size], padding=True, truncation=True,
                                    max_length=self.max_length, return_tensors="pt").to(self.device)
             out = self.model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])

@@ -23,6 +23,7 @@ from transformers import AutoModel, AutoTokenizer, BatchEncoding, PreTrainedMode
 
 from llm2clip.errors import InputError
 from llm2clip.fileio import atomic_dir
+from llm2clip.logs import transformers_errors_only
 from llm2clip.text import pooling
 from llm2clip.text.portability import make_config_portable, make_tokenizer_portable
 from llm2clip.text.prompts import apply_template, join_instruction, split_instruction, truncate_words
@@ -176,7 +177,8 @@ class LLMEncoder(nn.Module):
         joined, n_cut = self._join(texts, instruction)
         order = np.argsort([-len(text) for text in joined])
         prepared = [self._template(joined[i]) for i in order]
-        lengths = self.tokenizer([split_instruction(text)[0] for text in prepared])["input_ids"]
+        # verbose=False: the tokenizer would warn of "indexing errors"; tokenize() truncates, and we warn below.
+        lengths = self.tokenizer([split_instruction(text)[0] for text in prepared], verbose=False)["input_ids"]
         n_long = sum(len(row) > self.max_length for row in lengths)
         notes = [f"{n_cut} of {len(texts)} texts were cut word by word to doc_max_length={self.doc_max_length} tokens",
                  f"{n_long} of {len(texts)} texts were truncated to max_length={self.max_length} tokens"]
@@ -188,7 +190,7 @@ class LLMEncoder(nn.Module):
         chunks = []
         with torch.inference_mode():
             for start in tqdm(range(0, len(prepared), batch_size), desc="encode", unit="batch",
-                              disable=not show_progress):
+                              disable=None if show_progress else True):
                 features = self.tokenize(prepared[start : start + batch_size]).to(self.device)
                 chunks.append(self(features).cpu())
         self.train(was_training)
@@ -290,6 +292,15 @@ def _load_base(name: str | Path | None, dtype: torch.dtype, device: torch.device
     if Path(name).is_dir():
         require_weights(name, SAFETENSORS_WEIGHTS)
     try:
-        return AutoModel.from_pretrained(name, dtype=dtype, device_map=str(device), use_safetensors=True)
+        with transformers_errors_only():  # its load report; what matters in it is warned about below
+            model, info = AutoModel.from_pretrained(name, dtype=dtype, device_map=str(device), use_safetensors=True,
+                                                    output_loading_info=True)
     except OSError as err:
         raise InputError(f"cannot load the model weights '{name}' (from {source}): {err}") from err
+    # A causal LM's checkpoint holds an LM head that the encoder, a base model, does not use: expected.
+    unexpected = [key for key in info["unexpected_keys"] if not key.startswith("lm_head.")]
+    for kind, keys in (("missing", info["missing_keys"]), ("unexpected", unexpected)):  # mismatched ones raise
+        if keys:
+            warnings.warn(f"{name}: {len(keys)} {kind} weight(s) when loading the encoder, such as {sorted(keys)[0]}",
+                          stacklevel=3)
+    return model

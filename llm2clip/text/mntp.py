@@ -115,8 +115,9 @@ def corpus_blocks(tokenizer: PreTrainedTokenizerBase, lines: list[str], block_si
         usable = len(ids) // block_size * block_size
         return {"input_ids": [ids[i : i + block_size] for i in range(0, usable, block_size)]}
 
+    # verbose=False: a line longer than the model is no error here, `pack` cuts the stream into blocks.
     tokens = datasets.Dataset.from_dict({"text": lines}).map(
-        lambda batch: tokenizer(batch["text"]), batched=True, remove_columns=["text"]
+        lambda batch: tokenizer(batch["text"], verbose=False), batched=True, remove_columns=["text"]
     )
     blocks = tokens.map(pack, batched=True, batch_size=2000, remove_columns=tokens.column_names)
     if len(blocks) == 0:

@@ -246,7 +246,8 @@ def _llama_config(config: TinyLLMConfig, tokenizer: PreTrainedTokenizerFast) -> 
 def _pack(tokenizer: PreTrainedTokenizerFast, lines: list[str], seq_len: int) -> Dataset:
     """Lines as `<s> text </s>`, concatenated and cut into `seq_len` blocks (the last one shorter)."""
     eos = tokenizer.eos_token_id
-    stream = [token for ids in tokenizer(lines)["input_ids"] for token in (*ids, eos)]
+    # verbose=False: a line longer than the model is no error here, the stream is cut into blocks.
+    stream = [token for ids in tokenizer(lines, verbose=False)["input_ids"] for token in (*ids, eos)]
     return Dataset.from_dict({"input_ids": [stream[i : i + seq_len] for i in range(0, len(stream), seq_len)]})
 
 
