@@ -282,7 +282,7 @@ def test_the_markdown_has_every_section_in_order_and_clear_names(tmp_path):
     positions = [text.index(s) for s in sections]
     assert positions == sorted(positions)
     assert "LLaVA + LLM2CLIP tower" in text and "LLaVA + CLIP tower" in text and "no image (majority answer)" in text
-    assert "| synthetic world | reused | 10s |" in text and "**2m00s**" in text
+    assert "| synthetic world | reused | 10s | - |" in text and "**2m00s**" in text
     assert "one seed" in text
 
 

@@ -222,6 +222,7 @@ def environment() -> dict:
         "OMP_WAIT_POLICY (steps)": child_env()["OMP_WAIT_POLICY"],
         "OMP_NUM_THREADS (steps)": child_env().get("OMP_NUM_THREADS", "unset"),
         "platform": platform.platform(),
+        "load average (1, 5, 15 min) at the report": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
     }
 
 
@@ -229,8 +230,12 @@ def step_times(steps: list[Step], state: dict, reused: set[str]) -> list[dict]:
     rows = []
     for step in steps:
         record = state["steps"].get(step.key, {})
-        status = "given" if record.get("given") else ("reused" if step.key in reused else "ran")
-        rows.append({"key": step.key, "title": step.title, "seconds": record.get("seconds"), "status": status})
+        if not record:
+            status = "not run"
+        else:
+            status = "given" if record.get("given") else ("reused" if step.key in reused else "ran")
+        rows.append({"key": step.key, "title": step.title, "seconds": record.get("seconds"), "status": status,
+                     "load_1min": record.get("load_1min")})
     return rows
 
 
@@ -318,12 +323,15 @@ def markdown(report: dict) -> str:
 
     env = report["environment"]
     lines += ["", "## Environment", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in env.items()]
-    lines += ["", "## Wall time per step", "", "Reused steps keep the time they took when they ran.", "",
-              "| step | status | wall time |", "|---|---|---:|"]
+    lines += ["", "## Wall time per step", "",
+              "Reused steps keep the time they took when they ran. The load is the machine's 1-minute load average "
+              "when the step ended (other jobs on the same cores slow every step).", "",
+              "| step | status | wall time | load |", "|---|---|---:|---:|"]
     for row in report["steps"]:
-        lines.append(f"| {row['title']} | {row['status']} | "
-                     f"{'-' if row['seconds'] is None else format_seconds(row['seconds'])} |")
-    lines += [f"| **total** | | **{format_seconds(report['total_seconds'])}** |", ""]
+        seconds, load = row["seconds"], row.get("load_1min")
+        lines.append(f"| {row['title']} | {row['status']} | {'-' if seconds is None else format_seconds(seconds)} | "
+                     f"{'-' if load is None else f'{load:.1f}'} |")
+    lines += [f"| **total** | | **{format_seconds(report['total_seconds'])}** | |", ""]
     return "\n".join(lines)
 
 

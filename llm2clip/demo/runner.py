@@ -138,7 +138,7 @@ def run_demo(config: DemoConfig) -> dict:
                     print(f"--- last lines of {failed.log_path}:\n{log_tail(failed.log_path)}", end="", file=sys.stderr)
                     raise
                 seconds = time.perf_counter() - start
-                state["steps"][step.key] = {**record, "seconds": round(seconds, 1), "reused": False}
+                state["steps"][step.key] = {**record, "seconds": round(seconds, 1), "load_1min": os.getloadavg()[0]}
                 console.finish(head, f"done in {format_seconds(seconds)}")
             write_state(out_dir, state)
         head = console.start(len(steps), "report")
