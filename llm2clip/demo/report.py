@@ -268,7 +268,9 @@ def markdown(report: dict) -> str:
     from llm2clip.demo.runner import format_seconds
 
     lines = ["# LLM2CLIP demo report", "",
-             f"Profile `{report['profile']}`. Every number below is from {report['seeds']}.", "",
+             f"Profile `{report['profile']}`. Every number below is from {report['seeds']}."
+             + (" The quick profile checks the pipeline end to end at a tiny budget: its numbers say nothing about "
+                "the claims." if report["profile"] == "quick" else ""), "",
              "## Claims", "",
              "A claim passes when it meets its target and lies more than the configured number of standard errors "
              "above its floor.", "",
