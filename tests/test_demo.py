@@ -100,8 +100,9 @@ def test_the_default_config_has_both_profiles_and_every_step(tmp_path):
 
 
 def test_a_profile_override_changes_only_its_steps_fingerprint(tmp_path):
-    base = _fingerprints(_config(tmp_path))
-    profiles = {"full": {"stage2": ["train.max_steps=7"]}}
+    config = _config(tmp_path)
+    base = _fingerprints(config)
+    profiles = {**config.profiles, "full": {**config.profiles["full"], "stage2": ["train.max_steps=7"]}}
     changed = _fingerprints(_config(tmp_path, profiles=profiles))
     assert [k for k in base if base[k] != changed[k]] == ["stage2"]
 
