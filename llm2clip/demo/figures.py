@@ -64,7 +64,10 @@ def draw_loss_curves(paths: Paths, out: Path) -> Path:
         if points:
             steps, losses = zip(*points)
             ax.plot(steps, losses, marker="." if len(points) < 30 else None, color="tab:blue")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if len(points) == 1:
+                ax.set_xticks(steps)
+            else:
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("step" if len(points) > 1 else "step (one logged point)")
             ax.set_ylabel("training loss")
             ax.grid(alpha=0.3)
