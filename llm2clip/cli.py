@@ -37,6 +37,7 @@ class Command:
     positional: Flag | None = None  # a positional argument that sets a key
     extra: dict[str, str] = field(default_factory=dict)
     dry_run: str | None = None  # "module:function" taking the config and returning a `llm2clip.dryrun.Plan`
+    default_config: str | None = None  # "module:NAME" of the YAML file read when --config is not given
 
 
 COMMANDS: tuple[Command, ...] = (
@@ -187,6 +188,18 @@ COMMANDS: tuple[Command, ...] = (
             Flag("--out", "out_dir", "output directory"),
         ),
     ),
+    Command(
+        ("demo",),
+        "llm2clip.demo.config:DemoConfig",
+        "llm2clip.demo.runner:run_demo",
+        "Run the whole LLM2CLIP story (world, stage 1, CRA, stage 2, eval, LLaVA on both towers) and write a report.",
+        flags=(
+            Flag("--profile", "profile", "a profile of the config: full (the default budgets) | quick (minutes)"),
+            Flag("--out", "out_dir", "output directory (every step's outputs, logs/, report.md, figures/)"),
+            Flag("--force", "force", "redo this step and every step after it"),
+        ),
+        default_config="llm2clip.demo.config:DEFAULT_CONFIG",
+    ),
 )
 
 
@@ -216,7 +229,8 @@ def _build_parser(commands: tuple[Command, ...], prog: str, description: str
             epilog="Any config key can be set as KEY=VALUE (dotted for sections, e.g. train.max_steps=50). "
             "Use --print-config to see every key and its value.",
         )
-        p.add_argument("--config", help="YAML config file (defaults are the tiny embedded run)")
+        default = f"configs/{command.words[-1]}.yaml" if command.default_config else "the tiny embedded run"
+        p.add_argument("--config", help=f"YAML config file (default: {default})")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
         if command.dry_run is not None:
             p.add_argument("--dry-run", action="store_true", help="build the real-size model on the meta device from "
@@ -262,8 +276,9 @@ def main(argv: list[str] | None = None, commands: tuple[Command, ...] = COMMANDS
         if name.startswith("flag:") and value is not None:
             overrides.append(f"{name[5:]}={value}")
     config_cls = _resolve(command.config)
+    config_file = args.config or (_resolve(command.default_config) if command.default_config else None)
     try:
-        config = load_config(config_cls, args.config, overrides)
+        config = load_config(config_cls, config_file, overrides)
     except ConfigError as err:
         print(f"{prog} {' '.join(command.words)}: {err}", file=sys.stderr)
         return 2

@@ -124,3 +124,8 @@ def _readable_json(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return True
+
+
+def loss_curve(log_history: list[dict]) -> list[dict]:
+    """The training loss at each logged step, from a Trainer's `state.log_history` (for reports and plots)."""
+    return [{"step": entry["step"], "loss": entry["loss"]} for entry in log_history if "loss" in entry]

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMAND = re.compile(r"^(?:[A-Z_]+=\S+\s+)*(?:llm2clip|mllm|bash|torchrun|python3?)\s+\S")  # with arguments
 FENCE = re.compile(r"^```(\w*)\s*$")
 SPAN = re.compile(r"`([^`]+)`")
-RUN_SCRIPTS = ("run_stage1.sh", "run_stage2.sh", "train_llava.sh")
+RUN_SCRIPTS = ("run_stage1.sh", "run_stage2.sh", "train_llava.sh", "run_demo.sh")
 
 
 def _readme_commands() -> list[tuple[str, str]]:
@@ -164,8 +164,8 @@ def test_documented_command(where, command, tmp_path, capsys):
                               text=True, timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
         assert done.returncode == 0 and "usage:" in done.stdout, f"{where}: `{command}`: {done.stderr[-2000:]}"
         return
-    if words[0] == "bash" and len(words) == 2 and Path(words[1]).name in RUN_SCRIPTS:
-        _run_script_on_stub_venv(where, command, words[1], env, tmp_path)
+    if words[0] == "bash" and len(words) >= 2 and Path(words[1]).name in RUN_SCRIPTS:
+        _run_script_on_stub_venv(where, command, words[1], env, tmp_path, words[2:])
         return
     pytest.fail(f"{where}: no check for the documented command `{command}`; add one to tests/test_docs.py")
 
@@ -190,14 +190,15 @@ def _stub_venv(tmp_path: Path) -> Path:
     return venv
 
 
-def _run_script_on_stub_venv(where: str, command: str, script: str, env: dict[str, str], tmp_path: Path) -> None:
+def _run_script_on_stub_venv(where: str, command: str, script: str, env: dict[str, str], tmp_path: Path,
+                             args: list[str] = ()) -> None:
     runs = tmp_path / "runs"
     (runs / "stage1" / "contrastive" / "merged").mkdir(parents=True)  # run_stage2.sh checks for stage 1's encoder
     (runs / "stage1" / "contrastive" / "merged" / "config.json").write_text("{}")
     log = tmp_path / "calls.log"
     base = {"PATH": os.environ["PATH"], "PYTHONPATH": os.pathsep.join(sys.path), "RUNS": str(runs),
             "LLM2CLIP_VENV": str(_stub_venv(tmp_path)), "STUB_LOG": str(log)}
-    done = subprocess.run(["bash", str(ROOT / script)], env={**base, **env}, cwd=ROOT, capture_output=True,
+    done = subprocess.run(["bash", str(ROOT / script), *args], env={**base, **env}, cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, f"{where}: `{command}` failed on the stub venv:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
     calls = [line for line in log.read_text().splitlines() if " -c " not in f" {line} "]

@@ -46,7 +46,7 @@ from llm2clip.rerun import finished_run, total_runtime
 from llm2clip.sampling import ItemKey, item_rng, train_dataloader
 from llm2clip.text.encoder import LLMEncoder
 from llm2clip.text.mntp import lora_config
-from llm2clip.training import LoraSettings, TrainSettings, resume_checkpoint, training_arguments
+from llm2clip.training import LoraSettings, TrainSettings, loss_curve, resume_checkpoint, training_arguments
 
 PAIR_KINDS = ("short_long", "short_short", "long_long")  # caption pairs; plain sentences are the kind "plain"
 PLAIN = "plain"
@@ -295,6 +295,7 @@ def train_contrastive(config: ContrastiveConfig) -> dict:
         "steps": trainer.state.global_step,
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
+        "loss_curve": loss_curve(trainer.state.log_history),
         "train_runtime_s": total_runtime(result.metrics["train_runtime"], out / REPORT, resumed=resume_from is not None),
     }
     atomic_write_json(out / REPORT, report)

@@ -36,7 +36,7 @@ from llm2clip.fileio import atomic_write_json
 from llm2clip.rerun import finished_run, total_runtime
 from llm2clip.sampling import ItemKey, SeededShuffle, item_generator, train_dataloader
 from llm2clip.text.encoder import LLMEncoder, check_supported_model_dir
-from llm2clip.training import LoraSettings, TrainSettings, resume_checkpoint, training_arguments
+from llm2clip.training import LoraSettings, TrainSettings, loss_curve, resume_checkpoint, training_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +187,7 @@ def train_mntp(config: MNTPConfig) -> dict:
         "steps": trainer.state.global_step,
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
+        "loss_curve": loss_curve(trainer.state.log_history),
         "train_runtime_s": total_runtime(result.metrics["train_runtime"], out / REPORT, resumed=resume_from is not None),
     }
     atomic_write_json(out / REPORT, report)

@@ -33,7 +33,7 @@ from llm2clip.errors import InputError
 from llm2clip.fileio import atomic_dir, atomic_write_json, umask_modes
 from llm2clip.text.portability import make_config_portable
 from llm2clip.text.tokenizer_training import save_tokenizer, train_tokenizer
-from llm2clip.training import TrainSettings, resume_checkpoint, training_arguments
+from llm2clip.training import TrainSettings, loss_curve, resume_checkpoint, training_arguments
 
 REPORT = "training_report.json"
 
@@ -121,6 +121,7 @@ def build_tiny_llm(config: TinyLLMConfig) -> Path:
         "eval_loss": eval_loss,
         "eval_perplexity_init": math.exp(init_eval_loss),
         "eval_perplexity": math.exp(eval_loss),
+        "loss_curve": loss_curve(trainer.state.log_history),
         "config": fingerprint,
     }
     _save(model, tokenizer, report, out_dir)
