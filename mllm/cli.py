@@ -100,6 +100,17 @@ COMMANDS: tuple[Command, ...] = (
             Flag("--out", "out_dir", "directory for lmms-eval's outputs, report.json and report.md"),
         ),
     ),
+    Command(
+        ("compare",),
+        "mllm.compare:CompareConfig",
+        "mllm.compare:compare",
+        "Table `mllm eval` reports of several seeds per model: mean ± std and range per task, beside the floor.",
+        flags=(
+            Flag("--reports", "reports", "report.json files of `mllm eval`, comma-separated, one run each"),
+            Flag("--groups", "groups", "the model each report belongs to, comma-separated, one per report"),
+            Flag("--out", "out_dir", "directory for compare.json and compare.md"),
+        ),
+    ),
 )
 
 

@@ -106,17 +106,20 @@ class FinetuneConfig:
     tune: Literal["full", "lora"] = "full"  # the LLM's weights, or LoRA adapters on them (the projector trains whole)
     lora: LlavaLoraSettings = field(default_factory=LlavaLoraSettings)
     vision_lr: float | None = None  # None: the vision tower stays frozen; a rate: it trains at that rate
+    projector_lr: float | None = None  # None: the projector trains at train.learning_rate, as in LLaVA-1.5
     epochs: float = 1.0  # used when train.max_steps is -1
     out_dir: Path = Path("runs/mllm/finetune")
     train: FinetuneTrainSettings = field(default_factory=FinetuneTrainSettings)
 
 
 class LlavaTrainer(Trainer):
-    """The Trainer with LLaVA's batch order, a separate rate for the vision tower and truncation counts."""
+    """The Trainer with LLaVA's batch order, separate rates for the vision tower and projector, truncation counts."""
 
-    def __init__(self, *args, vision_lr: float | None = None, group_by_modality_length: bool = True, **kwargs):
+    def __init__(self, *args, vision_lr: float | None = None, projector_lr: float | None = None,
+                 group_by_modality_length: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.vision_lr = vision_lr
+        self.projector_lr = projector_lr
         self.group_by_modality_length = group_by_modality_length
         self.truncated = 0  # samples cut at model_max_length, on this rank
 
@@ -132,7 +135,8 @@ class LlavaTrainer(Trainer):
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
-            self.optimizer = optimizer_cls(param_groups(self.model, self.args.weight_decay, self.vision_lr), **kwargs)
+            groups = param_groups(self.model, self.args.weight_decay, self.vision_lr, self.projector_lr)
+            self.optimizer = optimizer_cls(groups, **kwargs)
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -187,15 +191,19 @@ def answer_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch
                            shift_labels=targets)
 
 
-def param_groups(model: nn.Module, weight_decay: float, vision_lr: float | None) -> list[dict]:
-    """Trainable parameters in groups: decay on matrices only, and the vision tower at `vision_lr`."""
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+def param_groups(model: nn.Module, weight_decay: float, vision_lr: float | None,
+                 projector_lr: float | None = None) -> list[dict]:
+    """Trainable parameters in groups: decay on matrices only, the vision tower at `vision_lr` and the
+    projector at `projector_lr` (None: the optimizer's rate)."""
+    rates = {"vision_tower.": vision_lr, "multi_modal_projector.": projector_lr}
+    groups: dict[tuple[str | None, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            groups.setdefault(("vision_tower." in name, param.ndim >= 2), []).append(param)
+            part = next((key for key in rates if key in name and rates[key] is not None), None)
+            groups.setdefault((part, param.ndim >= 2), []).append(param)
     return [
-        {"params": params, "weight_decay": weight_decay if decay else 0.0, **({"lr": vision_lr} if vision else {})}
-        for (vision, decay), params in groups.items()
+        {"params": params, "weight_decay": weight_decay if decay else 0.0, **({"lr": rates[part]} if part else {})}
+        for (part, decay), params in groups.items()
     ]
 
 
@@ -214,6 +222,8 @@ def pretrain(config: PretrainConfig) -> dict:
 def finetune(config: FinetuneConfig) -> dict:
     if config.vision_lr is not None and config.vision_lr <= 0:
         raise InputError(f"vision_lr must be positive (or null to keep the tower frozen), got {config.vision_lr}")
+    if config.projector_lr is not None and config.projector_lr <= 0:
+        raise InputError(f"projector_lr must be positive (or null for train.learning_rate), got {config.projector_lr}")
     args = _arguments(config.train, Path(config.out_dir), config.epochs,
                       ddp_find_unused_parameters=config.vision_lr is not None)  # the tower's top layers go unused
     if (finished := _finished("finetune", config, args)) is not None:
@@ -226,7 +236,8 @@ def finetune(config: FinetuneConfig) -> dict:
         param.requires_grad = config.vision_lr is not None or not name.startswith("model.vision_tower.")
     if config.tune == "lora":
         model = _with_lora(model, config.lora, train_tower=config.vision_lr is not None)
-    return _train("finetune", config, model, processor, template, args, vision_lr=config.vision_lr)
+    return _train("finetune", config, model, processor, template, args, vision_lr=config.vision_lr,
+                  projector_lr=config.projector_lr)
 
 
 def _arguments(train: TrainSettings, out: Path, epochs: float, **overrides):
@@ -257,7 +268,7 @@ def _with_lora(model: LlavaForConditionalGeneration, lora: LoraSettings, train_t
 
 
 def _train(stage: str, config: PretrainConfig | FinetuneConfig, model: nn.Module, processor: LlavaProcessor,
-           template: str, args, vision_lr: float | None = None) -> dict:
+           template: str, args, vision_lr: float | None = None, projector_lr: float | None = None) -> dict:
     out, data = Path(config.out_dir), config.data
     main = args.process_index == 0
     say = print if main else lambda *a, **k: None
@@ -270,7 +281,8 @@ def _train(stage: str, config: PretrainConfig | FinetuneConfig, model: nn.Module
 
     trainer = LlavaTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=LlavaCollator(processor.tokenizer.pad_token_id),
-        processing_class=processor, vision_lr=vision_lr, group_by_modality_length=data.group_by_modality_length,
+        processing_class=processor, vision_lr=vision_lr, projector_lr=projector_lr,
+        group_by_modality_length=data.group_by_modality_length,
         compute_loss_func=answer_loss,
     )
     resume_from = resume_checkpoint(config.train, out / "checkpoints")

@@ -9,12 +9,14 @@
 #                 (or any folder in its layout: llava/{pretrain,finetune}.json, llava/qa_test.jsonl, images/)
 #   OUT           output directory                runs/llava
 #   NPROC         torchrun processes per trainer  1
+#   SEED          training seed of both trainers  (the configs': 42)
 #   PRETRAIN_CONFIG  YAML for mllm pretrain        configs/tiny-llava-pretrain.yaml
 #   FINETUNE_CONFIG  YAML for mllm finetune        configs/tiny-llava-finetune.yaml
 #   EVAL_CONFIG      optional YAML for mllm eval   (real scale: configs/llava-1.5-7b-*.yaml for the first two)
 # A rerun resumes: finished trainers are skipped, others continue from their newest checkpoint; export and
 # eval redo (quick).
-# Compare towers: run once per tower with its own OUT, then `mllm eval --config configs/tiny-llava-eval.yaml`.
+# Compare towers: run once per tower with its own OUT, then `mllm eval --config configs/tiny-llava-eval.yaml`;
+# over several seeds: scripts/compare_llava_towers.sh.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 VISION_TOWER="${VISION_TOWER:-runs/stage2/llm2clip/vision_tower}"
@@ -37,13 +39,15 @@ pretrain_config=(--config "${PRETRAIN_CONFIG:-configs/tiny-llava-pretrain.yaml}"
 finetune_config=(--config "${FINETUNE_CONFIG:-configs/tiny-llava-finetune.yaml}")
 eval_config=()
 if [ -n "${EVAL_CONFIG:-}" ]; then eval_config=(--config "$EVAL_CONFIG"); fi
+seed=()
+if [ -n "${SEED:-}" ]; then seed=("train.seed=$SEED"); fi
 
 step "pretrain (projector on captions)" "${trainer[@]}" pretrain "${pretrain_config[@]}" \
   --vision-tower "$VISION_TOWER" --llm "$LLM" --data "$DATA/llava/pretrain.json" --image-folder "$DATA" \
-  --out "$OUT/pretrain"
+  --out "$OUT/pretrain" "${seed[@]}"
 step "finetune (instructions)" "${trainer[@]}" finetune "${finetune_config[@]}" \
   --model "$OUT/pretrain/final" --data "$DATA/llava/finetune.json" --image-folder "$DATA" \
-  --out "$OUT/finetune"
+  --out "$OUT/finetune" "${seed[@]}"
 step "export (plain HF Llava)" "${mllm[@]}" export \
   --model "$OUT/finetune/final" --out "$OUT/export" image="$DATA/images/val/val-00000.png"
 step "eval (lmms-eval, synth_qa)" "${mllm[@]}" eval "${eval_config[@]}" \

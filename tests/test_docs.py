@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMAND = re.compile(r"^(?:[A-Z_]+=\S+\s+)*(?:llm2clip|mllm|bash|torchrun|python3?)\s+\S")  # with arguments
 FENCE = re.compile(r"^```(\w*)\s*$")
 SPAN = re.compile(r"`([^`]+)`")
-RUN_SCRIPTS = ("run_stage1.sh", "run_stage2.sh", "train_llava.sh", "run_demo.sh")
+RUN_SCRIPTS = ("run_stage1.sh", "run_stage2.sh", "train_llava.sh", "run_demo.sh", "compare_llava_towers.sh")
 
 
 def _readme_commands() -> list[tuple[str, str]]:

@@ -119,15 +119,19 @@ def test_build_errors_are_named(parts, tmp_path):
         build_llava(BuildSettings(vision_tower=bare, llm=parts["llm"]))
 
 
-def test_param_groups_give_the_tower_its_own_rate(parts):
+def test_param_groups_give_the_tower_and_the_projector_their_own_rates(parts):
     model, _ = build_llava(_settings(parts))
-    groups = param_groups(model, weight_decay=0.1, vision_lr=1e-5)
-    vision = {id(p) for n, p in model.named_parameters() if n.startswith("model.vision_tower.")}
+    groups = param_groups(model, weight_decay=0.1, vision_lr=1e-5, projector_lr=3e-3)
+    names = {id(p): n for n, p in model.named_parameters()}
     for group in groups:
-        in_tower = {id(p) in vision for p in group["params"]}
-        assert len(in_tower) == 1 and (group.get("lr") == 1e-5) == in_tower.pop()
+        parts_in = {"tower" if names[id(p)].startswith("model.vision_tower.") else
+                    "projector" if names[id(p)].startswith("model.multi_modal_projector.") else "llm"
+                    for p in group["params"]}
+        assert len(parts_in) == 1
+        assert group.get("lr") == {"tower": 1e-5, "projector": 3e-3, "llm": None}[parts_in.pop()]
         assert group["weight_decay"] == (0.1 if group["params"][0].ndim >= 2 else 0.0)
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert all("lr" not in g for g in param_groups(model, weight_decay=0.0, vision_lr=None))
 
 
 def test_training_loss_is_the_models_own_with_logits_only_at_the_answers(parts, tmp_path):
@@ -279,6 +283,8 @@ def test_training_input_errors(parts, tmp_path):
         _finetune(parts, parts["llm"], tmp_path / "ft")
     with pytest.raises(InputError, match="vision_lr must be positive"):
         _finetune(parts, parts["llm"], tmp_path / "ft", "vision_lr=0")
+    with pytest.raises(InputError, match="projector_lr must be positive"):
+        _finetune(parts, parts["llm"], tmp_path / "ft", "projector_lr=-1")
     with pytest.raises(InputError, match="LLaVA data file not found"):
         _pretrain(parts, tmp_path / "pre", "data.path=/no/such.json")
     with pytest.raises(InputError, match="adapter in .* was trained on '/gone'"):
@@ -329,10 +335,10 @@ def test_shipped_configs_load(name, config_cls):
     config = load_config(config_cls, ROOT / "configs" / name)
     if name == "tiny-llava-pretrain.yaml":
         assert config == config_cls()  # spells out the embedded defaults
-    elif name == "tiny-llava-finetune.yaml":  # the embedded defaults at a rate and size the tiny LLM learns from
+    elif name == "tiny-llava-finetune.yaml":  # the embedded defaults with a rate, size and prompt for the tiny LLM
         defaults = config_cls()
-        assert (config.train.learning_rate, config.data.max_samples) == (5e-4, 4000)
+        assert config.train.learning_rate > defaults.train.learning_rate and config.data.system_prompt == ""
         assert replace(config, train=replace(config.train, learning_rate=defaults.train.learning_rate),
-                       data=replace(config.data, max_samples=defaults.data.max_samples)) == defaults
+                       data=replace(config.data, max_samples=defaults.data.max_samples, system_prompt=None)) == defaults
     else:
         assert config.train.deepspeed.startswith("configs/deepspeed/zero") and config.train.gradient_checkpointing

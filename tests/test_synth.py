@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from llm2clip.cli import main
-from llm2clip.data.synth import FORMAT_VERSION, SynthConfig, generate_world
+from llm2clip.data.synth import DETAIL_PROMPT, FORMAT_VERSION, SHORT_ANSWER, SynthConfig, generate_world
 from llm2clip.data.vocabulary import EN, POSITIONS, SHAPES
 from llm2clip.errors import InputError
 from llm2clip.eval.zeroshot import labelled_images
@@ -324,6 +324,9 @@ def test_public_formats(world):
         assert sum("<image>" in t["value"] for t in turns) == ("image" in sample)
         if "image" in sample:
             assert turns[0]["value"].startswith("<image>\n")
+            # One short-answer instruction per conversation, on its first question (format 5).
+            asks = [t["value"].endswith(SHORT_ANSWER) for t in turns[::2] if not t["value"].endswith(DETAIL_PROMPT)]
+            assert asks[0] and not any(asks[1:])
 
     for split in ("val", "test"):
         qa = _rows(world / "llava" / f"qa_{split}.jsonl")
@@ -355,12 +358,12 @@ def test_rerun_is_idempotent_and_refuses_other_configs(world, capsys):
 def test_worlds_of_an_older_format_are_refused(tmp_path):
     config = SynthConfig(out_dir=tmp_path, n_train=3, n_val=1, n_test=1)
     summary = generate_world(config)
-    assert summary["format_version"] == FORMAT_VERSION == 4
-    (tmp_path / "world.json").write_text(json.dumps({**summary, "format_version": 3}))
-    with pytest.raises(InputError, match=r"format 3, now 4"):
+    assert summary["format_version"] == FORMAT_VERSION == 5
+    (tmp_path / "world.json").write_text(json.dumps({**summary, "format_version": 4}))
+    with pytest.raises(InputError, match=r"format 4, now 5"):
         generate_world(config)
     generate_world(SynthConfig(out_dir=tmp_path, n_train=3, n_val=1, n_test=1, overwrite=True))
-    assert json.loads((tmp_path / "world.json").read_text())["format_version"] == 4
+    assert json.loads((tmp_path / "world.json").read_text())["format_version"] == 5
 
 
 def test_overwrite_and_incomplete_worlds(tmp_path):
