@@ -1,8 +1,10 @@
-"""Stage 1b: caption-contrastive LoRA training (supervised SimCSE, LLM2CLIP's caption contrastive step).
+"""Stage 1b: caption-contrastive training (supervised SimCSE, LLM2CLIP's caption contrastive step).
 
 Two captions of the same image are a positive pair; the other positives in the global batch are
 negatives. Plain-text sentences are mixed in as unsupervised SimCSE pairs (the same sentence twice,
-made different by LoRA dropout). Training starts from the MNTP-merged model with a fresh LoRA.
+made different by LoRA dropout; with `tune: full` only the model's own dropout, if any, tells them apart).
+Training starts from the MNTP-merged model with a fresh LoRA (`tune: lora`, the paper's) or tunes every
+weight of it (`tune: full`).
 
 The pair mix (`pairs`) weighs three kinds of caption pair:
     short_long   an image's short caption with its long (dense) caption: the paper's pairs, the original
@@ -18,9 +20,9 @@ are not padded to paragraph length; anchors and positives are padded apart, so t
 short_long pair is not padded to the long side's length either.
 
 Outputs under `out_dir`:
-    adapter/      the supervised LoRA adapter (llm2vec layout, loads on top of the MNTP-merged model)
+    adapter/      the supervised LoRA adapter (llm2vec layout, loads on top of the MNTP-merged model); lora only
     merged/       everything merged: the caption encoder used by stage 2
-    checkpoints/  Trainer checkpoints (adapter only), used to resume
+    checkpoints/  Trainer checkpoints (the adapter, or the whole model with `tune: full`), used to resume
 """
 
 from __future__ import annotations
