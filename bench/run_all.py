@@ -30,6 +30,7 @@ CPU_BENCHES = {
     "stage2_throughput": ([], ["--batch", "32", "--steps", "1", "--rounds", "2", "--warmup", "1"]),
     "encode_throughput": ([], ["--captions", "200", "--repeats", "1"]),
     "llava_step": ([], ["--batch", "4", "--rounds", "2"]),
+    "cpu_bf16": ([], ["--rounds", "2"]),
 }
 
 

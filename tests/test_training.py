@@ -54,3 +54,15 @@ def test_unknown_lr_scheduler_is_one_line_naming_the_valid_ones(tmp_path, capsys
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1, err
     assert "unknown train.lr_scheduler 'cosin'" in err and "cosine" in err and "linear" in err
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, True), (False, True, True), (False, False, False)])
+def test_auto_precision_is_bf16_on_a_cpu_with_native_bf16_only(tmp_path, monkeypatch, avx512_bf16, amx, expected):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    args = training_arguments(TrainSettings(precision="auto"), tmp_path)
+    assert (args.bf16, args.fp16) == (expected, False)
+    assert training_arguments(TrainSettings(precision="fp32"), tmp_path).bf16 is False
