@@ -13,9 +13,8 @@ step "stage 1a: MNTP" "$llm2clip" stage1 mntp --config configs/tiny-stage1-mntp.
 step "stage 1b: caption contrastive" "$llm2clip" stage1 contrastive --config configs/tiny-stage1-contrastive.yaml \
   --model "$runs/stage1/mntp/merged" --data "$runs/world" --out "$runs/stage1/contrastive" \
   corpus="$runs/world/corpus.txt"
-for kind in short long translated translated_long; do
-  step "CRA on $kind captions before and after stage 1" "$llm2clip" cra --data "$runs/world" --split test kind=$kind \
-    --model "$runs/tiny-llm,$runs/stage1/mntp/merged,$runs/stage1/contrastive/merged" --out "$runs/stage1/cra-$kind.json"
-done
+step "CRA on short, long and translated captions before and after stage 1" "$llm2clip" cra --data "$runs/world" \
+  --split test kind=short,long,translated,translated_long \
+  --model "$runs/tiny-llm,$runs/stage1/mntp/merged,$runs/stage1/contrastive/merged" --out "$runs/stage1/cra-{kind}.json"
 echo
 echo "stage 1 done: encoder in $runs/stage1/contrastive/merged, CRA reports in $runs/stage1/cra-{short,long,translated,translated_long}.json"

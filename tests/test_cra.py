@@ -54,3 +54,16 @@ def test_translated_cra_needs_french_captions(small_world, capsys):
         caption_pairs(CRAConfig(data=small_world, split="train", kind="translated_long", caption_a=1))
     assert cli.main(["cra", "--data", str(small_world / "karpathy.json"), "kind=translated"]) != 0
     assert "French rendering" in capsys.readouterr().err
+
+
+def test_several_kinds_in_one_run_match_one_run_each(tmp_path, small_world, encoder_dir):
+    kinds = ("short", "long", "translated")
+    model = [str(encoder_dir)]
+    together = report_cra(CRAConfig(model=model, data=small_world, split="train", kind=",".join(kinds),
+                                    out=tmp_path / "cra-{kind}.json"))
+    for kind in kinds:
+        alone = report_cra(CRAConfig(model=model, data=small_world, split="train", kind=kind))
+        assert set(alone["cra"]) == {"bag of words", str(encoder_dir)}
+        assert together[kind] == alone == json.loads((tmp_path / f"cra-{kind}.json").read_text())
+    with pytest.raises(InputError, match=r"need an out path with \{kind\}"):
+        report_cra(CRAConfig(data=small_world, split="train", kind="short,long", out=tmp_path / "cra.json"))

@@ -108,9 +108,9 @@ def build_steps(config: DemoConfig, overrides: dict[str, list[str]]) -> list[Ste
              [llm2clip("contrastive", "stage1", "contrastive", "--model", paths.mntp / "merged", "--data", world,
                        "--out", paths.contrastive, f"corpus={corpus}")], [paths.contrastive]),
         Step("cra", "CRA before/after stage 1 (short, long, EN->FR)",
-             [llm2clip("cra", "cra", "--data", world, "--split", "test", f"kind={kind}",
-                       "--model", ",".join(map(str, paths.cra_models())), "--out", paths.cra(kind))
-              for kind in CRA_KINDS], [paths.cra(kind) for kind in CRA_KINDS]),
+             [llm2clip("cra", "cra", "--data", world, "--split", "test", f"kind={','.join(CRA_KINDS)}",
+                       "--model", ",".join(map(str, paths.cra_models())), "--out", paths.cra("{kind}"))],
+             [paths.cra(kind) for kind in CRA_KINDS]),
         Step("embed", "caption-embedding cache",
              [llm2clip("embed", "embed", "--model", paths.encoder, "--data", world, "--split", "train",
                        "--out", paths.cache, "kinds=short,long")], [paths.cache]),

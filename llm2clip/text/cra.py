@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -30,7 +30,8 @@ class CRAConfig:
     model: list[str] | None = None  # one or more encoder directories (comma-separated on the command line)
     data: Path = Path("runs/world")
     split: str = "test"
-    kind: str = "short"  # short | long: two captions of each image; translated | translated_long: one and its French
+    kind: str = "short"  # short | long: two captions of each image; translated | translated_long: one and its French;
+    # several, comma-separated (short,long,translated): one run loads each encoder once, out names "{kind}"
     caption_a: int = 0  # which caption of each image is A (translated kinds: the English one, B its rendering)
     caption_b: int = 1  # and which is B (short and long kinds)
     max_images: int | None = None
@@ -90,27 +91,38 @@ def caption_pairs(config: CRAConfig) -> tuple[list[str], list[str]]:
     return [texts_a[a] for texts_a, _ in usable], [texts_b[b] for _, texts_b in usable]
 
 
-def model_cra(model_dir: str, a_texts: list[str], b_texts: list[str], config: CRAConfig) -> float:
+def model_cra(model_dir: str, pairs: dict[str, tuple[list[str], list[str]]], config: CRAConfig) -> dict[str, float]:
+    """CRA of one encoder on each kind's caption pairs, the encoder loaded once."""
     from llm2clip.text.encoder import LLMEncoder
 
     encoder = LLMEncoder.from_pretrained(model_dir, pooling_mode=config.pooling_mode, max_length=config.max_length)
-    embeddings = encoder.encode(a_texts + b_texts, batch_size=config.batch_size)
-    return caption_retrieval_accuracy(embeddings[: len(a_texts)], embeddings[len(a_texts) :])
+    scores = {}
+    for kind, (a_texts, b_texts) in pairs.items():
+        embeddings = encoder.encode(a_texts + b_texts, batch_size=config.batch_size)
+        scores[kind] = caption_retrieval_accuracy(embeddings[: len(a_texts)], embeddings[len(a_texts) :])
+    return scores
 
 
 def report_cra(config: CRAConfig) -> dict:
-    a_texts, b_texts = caption_pairs(config)
-    rows = {"bag of words": bag_of_words_cra(a_texts, b_texts)}
+    """The CRA report of `config.kind`; with several kinds, {kind: report}, each written to out with {kind} filled."""
+    kinds = [kind.strip() for kind in config.kind.split(",")]
+    if len(kinds) > 1 and config.out is not None and "{kind}" not in str(config.out):
+        raise InputError(f"cra: {len(kinds)} kinds ({config.kind}) need an out path with {{kind}} in it; got {config.out}")
+    pairs = {kind: caption_pairs(replace(config, kind=kind)) for kind in kinds}
+    scores = {kind: {"bag of words": bag_of_words_cra(*pairs[kind])} for kind in kinds}
     for model_dir in config.model or []:
-        rows[model_dir] = model_cra(model_dir, a_texts, b_texts, config)
-    report = {"data": str(config.data), "split": config.split, "kind": config.kind, "images": len(a_texts),
-              "chance": 1 / len(a_texts), "cra": rows}
-    width = max(len(name) for name in rows)
-    print(f"CRA ({config.kind.replace('_', ' ')} captions) on {len(a_texts)} {config.split} images "
-          f"(chance {100 / len(a_texts):.2f}%)")
-    for name, value in rows.items():
-        print(f"  {name:<{width}}  {100 * value:6.2f}%")
-    if config.out is not None:
-        atomic_write_json(config.out, report)
-    return report
-
+        for kind, score in model_cra(model_dir, pairs, config).items():
+            scores[kind][model_dir] = score
+    reports = {}
+    for kind in kinds:
+        images = len(pairs[kind][0])
+        rows = scores[kind]
+        reports[kind] = {"data": str(config.data), "split": config.split, "kind": kind, "images": images,
+                         "chance": 1 / images, "cra": rows}
+        width = max(len(name) for name in rows)
+        print(f"CRA ({kind.replace('_', ' ')} captions) on {images} {config.split} images (chance {100 / images:.2f}%)")
+        for name, value in rows.items():
+            print(f"  {name:<{width}}  {100 * value:6.2f}%")
+        if config.out is not None:
+            atomic_write_json(Path(str(config.out).replace("{kind}", kind)), reports[kind])
+    return reports[kinds[0]] if len(kinds) == 1 else reports
