@@ -1,6 +1,6 @@
 """Every bench in bench/, one after another, and one table of their ratios.
 
-    python bench/run_all.py [--quick] [--gpu | --no-gpu] [--out TABLE.md]
+    python bench/run_all.py [--quick] [--gpu | --no-gpu] [--llm2vec-python PY] [--out TABLE.md]
 
 Each bench prints its own report as it runs (see bench/README.md); the table at the end lists, for every
 ratio, the bench, what is compared, the ratio and the two values measured side by side. `--quick` gives
@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> list[Ratio | Note]:
                         help="also run the GPU benches (default: when CUDA is available)")
     parser.add_argument("--only", nargs="+", choices=[*CPU_BENCHES, "gpu"], help="run these benches only")
     parser.add_argument("--out", type=Path, help="also write the table to this markdown file")
+    parser.add_argument("--llm2vec-python", help="a python with llm2vec 0.2.3 for the GPU encoding bench "
+                        "(default: .venv-llm2vec/bin/python)")
     args = parser.parse_args(argv)
     gpu = torch.cuda.is_available() if args.gpu is None else args.gpu
     setup_logging()  # no expected library warnings or progress-bar frames between the reports
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> list[Ratio | Note]:
 
         rows += run_bench("gpu stage 2", lambda: gpu_benches.stage2(steps=3 if args.quick else 10))
         texts = captions(512 if args.quick else 4096)
-        rows += run_bench("gpu encoding", lambda: gpu_benches.encode(texts))
+        rows += run_bench("gpu encoding", lambda: gpu_benches.encode(texts, llm2vec_python=args.llm2vec_python))
     table = format_table(rows)
     print(f"\n{table}")
     if args.out:
