@@ -26,13 +26,14 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
+from llm2clip.data.vocabulary import QA_TYPES
 from llm2clip.errors import InputError
 from llm2clip.fileio import atomic_dir
 from mllm.lmms_tasks.utils import normalize
 from mllm.report import ModelRun, build_report, write_report
 
 SYNTH_GROUP = "synth_qa"
-SYNTH_TYPES = ("color", "count", "position", "size", "yesno")
+SYNTH_TYPES = QA_TYPES  # one lmms-eval subtask per world question type
 TASK_DIR = Path(__file__).parent / "lmms_tasks"
 TASKS_FOLDER = "lmms_tasks"  # the run's copy of TASK_DIR, under out_dir
 LLAVA_MODEL_TYPES = ("llava", "llava_next", "llava_onevision")  # what lmms-eval's llava_hf loads

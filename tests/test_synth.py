@@ -13,7 +13,7 @@ from PIL import Image
 
 from llm2clip.cli import main
 from llm2clip.data.synth import DETAIL_PROMPT, FORMAT_VERSION, SHORT_ANSWER, SynthConfig, generate_world
-from llm2clip.data.vocabulary import EN, POSITIONS, SHAPES
+from llm2clip.data.vocabulary import EN, POSITIONS, QA_TYPES, SHAPES, English
 from llm2clip.errors import InputError
 from llm2clip.eval.zeroshot import labelled_images
 
@@ -282,22 +282,42 @@ def test_french_captions(world):
 
 
 def test_questions_have_exact_answers(world):
+    positions = {phrases[0]: name for name, phrases in English.positions.items()}
     for r in _rows(world / "train.jsonl"):
-        objects = r["objects"]
+        objects, main = r["objects"], r["objects"][0]
         kinds = {(o["color"], o["shape"]): o for o in objects}
-        assert {q["type"] for q in r["qa"]} >= {"count", "position", "size", "yesno"}
+        assert [q["type"] for q in r["qa"]] == list(QA_TYPES)
+        assert main["size"] == "large"
         for q in r["qa"]:
             words = q["question"].rstrip("?").split()
-            if q["type"] == "position":
-                assert kinds[(words[-2], words[-1])]["position"] == q["answer"]
+            if q["type"] == "color":
+                assert q["answer"] == (r["background"] if words[-1] == "background" else main["color"])
+            elif q["type"] == "shape":
+                assert q["answer"] == main["shape"]
+            elif q["type"] == "count":
+                assert q["question"] == "How many shapes are there?" and q["answer"] == str(len(objects))
+            elif q["type"] == "position":
+                assert q["answer"] == main["position"]
             elif q["type"] == "size":
-                assert kinds[(words[-2], words[-1])]["size"] == q["answer"]
+                place = positions[q["question"].removeprefix("What size is the shape ").rstrip("?")]
+                assert [o["size"] for o in objects if o["position"] == place] == [q["answer"]]
             elif q["type"] == "yesno":
-                assert q["answer"] == ("yes" if (words[-2], words[-1]) in kinds else "no")
-            elif q["type"] == "color":
+                assert q["answer"] == ("yes" if words[-1] in {o["shape"] for o in objects} else "no")
+            elif q["question"].startswith("What color is the "):
                 assert [o["color"] for o in objects if o["shape"] == words[-1]] == [q["answer"]]
-            elif q["question"] == "How many shapes are there?":
-                assert q["answer"] == str(len(objects))
+            elif q["question"].startswith("Where is the "):
+                assert kinds[(words[-2], words[-1])]["position"] == q["answer"]
+            else:
+                assert q["answer"] == ("yes" if (words[-2], words[-1]) in kinds else "no")
+
+
+def test_answers_are_balanced_where_the_world_allows(world):
+    """Size asks about the large, the medium and a small object equally often; yes/no is about half yes."""
+    qa = [q for r in _rows(world / "train.jsonl") for q in r["qa"]]
+    sizes = Counter(q["answer"] for q in qa if q["type"] == "size")
+    yes = sum(q["answer"] == "yes" for q in qa if q["type"] == "yesno")
+    n = len(qa) // len(QA_TYPES)
+    assert max(sizes.values()) <= 0.6 * n and 0.2 * n <= yes <= 0.8 * n
 
 
 def test_public_formats(world):
@@ -358,12 +378,12 @@ def test_rerun_is_idempotent_and_refuses_other_configs(world, capsys):
 def test_worlds_of_an_older_format_are_refused(tmp_path):
     config = SynthConfig(out_dir=tmp_path, n_train=3, n_val=1, n_test=1)
     summary = generate_world(config)
-    assert summary["format_version"] == FORMAT_VERSION == 5
-    (tmp_path / "world.json").write_text(json.dumps({**summary, "format_version": 4}))
-    with pytest.raises(InputError, match=r"format 4, now 5"):
+    assert summary["format_version"] == FORMAT_VERSION == 6
+    (tmp_path / "world.json").write_text(json.dumps({**summary, "format_version": 5}))
+    with pytest.raises(InputError, match=r"format 5, now 6"):
         generate_world(config)
     generate_world(SynthConfig(out_dir=tmp_path, n_train=3, n_val=1, n_test=1, overwrite=True))
-    assert json.loads((tmp_path / "world.json").read_text())["format_version"] == 5
+    assert json.loads((tmp_path / "world.json").read_text())["format_version"] == 6
 
 
 def test_overwrite_and_incomplete_worlds(tmp_path):

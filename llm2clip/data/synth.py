@@ -44,8 +44,9 @@ from llm2clip.fileio import atomic_write_bytes, atomic_write_json, atomic_write_
 
 # 2: `long_captions` (a list) replaces `long_caption`; 3: relations follow each object;
 # 4: salient main objects (sizes by rank), short captions about them, backgrounds; 5: instruction data asks
-# for a short answer once per conversation, and 10% of conversations (not 25%) add a detailed description
-FORMAT_VERSION = 5
+# for a short answer once per conversation, and 10% of conversations (not 25%) add a detailed description;
+# 6: questions as in VQAv2, mostly about what stands out, plus a hard "binding" category
+FORMAT_VERSION = 6
 SPLITS = ("train", "val", "test")
 RGB = {
     "red": (220, 40, 40),
@@ -241,7 +242,7 @@ def _record(picture: Picture, split: str, index: int, config: SynthConfig, boxes
         "background": scene.background,
         "twin": None if picture.twin is None else _id(split, picture.twin),
         "twin_kind": scene.twin_kind,
-        "qa": questions(scene.objects, rng),
+        "qa": questions(scene, rng),
     }
 
 

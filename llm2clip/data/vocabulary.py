@@ -403,41 +403,61 @@ def _article(word: str) -> str:
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
-def _plural(noun: str) -> str:
-    return noun + ("es" if noun.endswith(("s", "x", "ch", "sh")) else "s")
+QA_TYPES = ("color", "shape", "count", "position", "size", "yesno", "binding")
+BIGGEST = ("biggest shape", "largest shape", "main shape")  # how a question names objects[0]
 
 
-def questions(objects: Sequence[Obj], rng: random.Random) -> list[dict]:
-    """One question of each type (colour, count, position, size, yes/no) with a short exact answer."""
+def questions(scene: Scene, rng: random.Random) -> list[dict]:
+    """One question of each of QA_TYPES, with a short exact answer.
+
+    As in VQAv2, most questions are about what stands out: the biggest shape's colour, shape and
+    place, the background, how many shapes there are, which shape has a given size, whether a kind
+    of shape is present. Answering them takes the image but no search for one object among many.
+    "binding" is the hard category: it names an object by its colour or shape and asks about
+    another of its attributes (or whether a colour-shape pair, maybe swapped, is present).
+    """
+    objects = scene.objects
+    main = objects[0]
     qa = []
+    if rng.random() < 0.25:
+        qa.append({"question": "What color is the background?", "answer": scene.background, "type": "color"})
+    else:
+        qa.append({"question": f"What color is the {rng.choice(BIGGEST)}?", "answer": main.color, "type": "color"})
+    qa.append({"question": f"What shape is the {rng.choice(BIGGEST).replace('shape', 'object')}?", "answer": main.shape, "type": "shape"})
+    qa.append({"question": "How many shapes are there?", "answer": str(len(objects)), "type": "count"})
+    qa.append({"question": f"Where is the {rng.choice(BIGGEST)}?", "answer": main.position, "type": "position"})
+    o = rng.choice([objects[0], objects[1], rng.choice(objects[2:])])  # large, medium or small, evenly
+    qa.append({"question": f"What size is the shape {EN.positions[o.position][0]}?", "answer": o.size, "type": "size"})
+    present = {o.shape for o in objects}
+    if rng.random() < 0.5 or present == set(SHAPES):
+        shape, answer = rng.choice(sorted(present)), "yes"
+    else:
+        shape, answer = rng.choice(sorted(set(SHAPES) - present)), "no"
+    qa.append({"question": f"Is there {_article(shape)}?", "answer": answer, "type": "yesno"})
+    qa.append({**_binding_question(objects, rng), "type": "binding"})
+    return qa
+
+
+def _binding_question(objects: Sequence[Obj], rng: random.Random) -> dict:
+    """A question that must find one object by its words: its colour, its place, or a yes/no on a
+    colour-shape pair where the "no" pairs reuse the scene's own words, swapped."""
     shape_counts = Counter(o.shape for o in objects)
     unique = [o for o in objects if shape_counts[o.shape] == 1]
-    if unique:
-        o = rng.choice(unique)
-        qa.append({"question": f"What color is the {o.shape}?", "answer": o.color, "type": "color"})
     kind = rng.randrange(3)
-    if kind == 0:
-        question, answer = "How many shapes are there?", len(objects)
-    elif kind == 1:
-        shape = rng.choice(SHAPES)
-        question, answer = f"How many {_plural(shape)} are there?", shape_counts[shape]
-    else:
-        color = rng.choice(COLORS)
-        question, answer = f"How many {color} shapes are there?", sum(o.color == color for o in objects)
-    qa.append({"question": question, "answer": str(answer), "type": "count"})
-    o = rng.choice(objects)
-    qa.append({"question": f"Where is the {o.color} {o.shape}?", "answer": o.position, "type": "position"})
-    o = rng.choice(objects)
-    qa.append({"question": f"What size is the {o.color} {o.shape}?", "answer": o.size, "type": "size"})
+    if kind == 0 and unique:
+        o = rng.choice(unique)
+        return {"question": f"What color is the {o.shape}?", "answer": o.color}
+    if kind <= 1:
+        o = rng.choice(objects)
+        return {"question": f"Where is the {o.color} {o.shape}?", "answer": o.position}
     present = {(o.color, o.shape) for o in objects}
-    swapped = sorted({(x.color, y.shape) for x in objects for y in objects} - present)  # same words, wrong binding
+    swapped = sorted({(x.color, y.shape) for x in objects for y in objects} - present)
     absent = swapped or sorted({(c, s) for c in COLORS for s in SHAPES} - present)
     if rng.random() < 0.5:
         (color, shape), answer = rng.choice(sorted(present)), "yes"
     else:
         (color, shape), answer = rng.choice(absent), "no"
-    qa.append({"question": f"Is there {_article(color)} {shape}?", "answer": answer, "type": "yesno"})
-    return qa
+    return {"question": f"Is there {_article(color)} {shape}?", "answer": answer}
 
 
 def generic_sentences(rng: random.Random, n_relations: int) -> list[str]:
